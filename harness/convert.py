@@ -1,0 +1,52 @@
+"""TFLite conversion through litert-torch's converter, cached by everything that shapes the flatbuffer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+from harness.cache import ArtifactCache, dir_digest
+from harness.lowering import export_config
+from harness.pairs import ModelPair, fingerprint
+from harness.records import library_versions
+
+FLOAT = "none"  # litert-torch's name for no quantization
+MODEL_FILE = "model.tflite"
+
+
+def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str) -> dict:
+    """Everything that affects a converted artifact."""
+    return {
+        "pair": pair.name,
+        "definition": fingerprint(pair),
+        "weights": dir_digest(checkpoint),
+        "prefill_lens": list(pair.export.prefill_lens),
+        "kv_cache_max": pair.export.kv_cache_max,
+        "output_logits_on_prefill": True,
+        "recipe": recipe,
+        "versions": library_versions(),
+    }
+
+
+def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True) -> Path:
+    """The flatbuffer of `model` with prefill_<len> and decode signatures, float or quantized by `recipe`."""
+    from litert_torch.generative.utilities import converter
+
+    def build(out: Path) -> None:
+        sink = io.StringIO()
+        redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
+        with redirect:
+            previous = logging.root.level
+            logging.root.setLevel(logging.ERROR)
+            try:
+                path = converter.convert_to_tflite(
+                    model, str(out), "model", list(pair.export.prefill_lens), pair.export.kv_cache_max,
+                    quantize=recipe, export_config=export_config(),
+                )
+            finally:
+                logging.root.setLevel(previous)
+        Path(path).rename(out / MODEL_FILE)
+
+    return cache.get_or_build("tflite", artifact_key(pair, checkpoint, recipe), build) / MODEL_FILE

@@ -1,0 +1,103 @@
+"""Runs several pairs, each in a fresh process so a crash in one never loses the others' results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from harness import report, stages
+from harness.pairs import ModelPair
+from harness.pipeline import PairReport, Progress, RunOptions, verify_pair
+from harness.records import ERROR, CheckResult, run_metadata
+
+
+@dataclasses.dataclass
+class SuiteRequest:
+    """What a suite run needs, in a form a child process can be handed on its command line."""
+
+    out_dir: Path
+    gates_path: str
+    cache_dir: str
+    use_cache: bool = True
+    quant: tuple[str, ...] | None = None
+    num_threads: int = 2
+    models_dirs: tuple[str, ...] = ()
+    stages: tuple[str, ...] | None = None
+
+
+def child_command(request: SuiteRequest, model: str, result_path: Path) -> list[str]:
+    command = [sys.executable, "-m", "harness", "_verify-one", model, "--result", str(result_path),
+               "--gates", request.gates_path, "--cache-dir", request.cache_dir, "--threads", str(request.num_threads)]
+    if not request.use_cache:
+        command.append("--no-cache")
+    if request.quant is not None:
+        command += ["--quant", ",".join(request.quant) or "none"]
+    if request.stages:
+        command += ["--stages", ",".join(request.stages)]
+    for d in request.models_dirs:
+        command += ["--models-dir", d]
+    return command
+
+
+def report_to_json(rep: PairReport) -> dict:
+    return {"model": rep.model, "results": [r.to_json() for r in rep.results],
+            "timings": rep.timings, "notes": rep.notes}
+
+
+def run_isolated(request: SuiteRequest, pair: ModelPair, echo: Callable[[str], None]) -> PairReport:
+    """One pair in a child process; its progress lines are echoed live, a crash becomes an error record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        proc = subprocess.Popen(child_command(request, pair.name, result_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            if line.startswith("[progress] "):
+                echo(line[len("[progress] "):].rstrip("\n"))
+            else:
+                tail = (tail + [line.rstrip("\n")])[-15:]
+        code = proc.wait()
+        if code == 0 and result_path.exists():
+            data = json.loads(result_path.read_text())
+            return PairReport(data["model"], [CheckResult(**r) for r in data["results"]],
+                              data["timings"], data["notes"])
+    message = f"the process verifying {pair.name} died with exit code {code}; last output: " + " | ".join(
+        t for t in tail if t.strip())[-1500:]
+    return PairReport(pair.name, [CheckResult(pair.name, stages.HF, stages.STAGE, ERROR, message=message)], {}, {})
+
+
+def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions, echo: Callable[[str], None],
+              unknown: list[str] = (), isolate: bool = True, unknown_message: Callable[[str], str] = str) -> dict:
+    """Every pair in turn; the reports are rewritten atomically after each one."""
+    run = run_metadata(gates=request.gates_path, quant=list(request.quant) if request.quant is not None else "default",
+                       models=[p.name for p in pairs] + list(unknown), cache=request.cache_dir if request.use_cache else None)
+    results: list[CheckResult] = [CheckResult(name, stages.HF, stages.STAGE, ERROR, message=unknown_message(name))
+                                  for name in unknown]
+    models: dict = {}
+
+    def progress(model: str, stage: str, seconds: float, produced: list[CheckResult]) -> None:
+        echo(format_progress(model, stage, seconds, produced))
+
+    document = report.parity_document(run, results, models)
+    for pair in pairs:
+        rep = run_isolated(request, pair, echo) if isolate else verify_pair(pair, options, progress)
+        results.extend(rep.results)
+        models[pair.name] = {"description": pair.description, "features": list(pair.features),
+                             "expected_failure": pair.expected_failure, "timings": rep.timings, "notes": rep.notes}
+        document = report.parity_document(run, results, models)
+        report.write_parity(request.out_dir, document)
+        report.write_summary(request.out_dir, document)
+    report.write_parity(request.out_dir, document)
+    report.write_summary(request.out_dir, document)
+    return document
+
+
+def format_progress(model: str, stage: str, seconds: float, produced: list[CheckResult]) -> str:
+    checks = ", ".join(f"{r.check} {r.status}" for r in produced)
+    worst = next((r.message for r in produced if r.message and r.status != "pass"), "")
+    return f"[{model}] {stage:<24} {seconds:6.1f}s  {checks}" + (f"  -- {worst[:200]}" if worst else "")

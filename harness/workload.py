@@ -1,0 +1,49 @@
+"""The prompts every stage runs, and the HF greedy trajectories that make stages comparable.
+
+Every stage is run teacher-forced along the HF reference's greedy trajectory: prefill
+the prompt, then decode the reference's tokens one by one. Its logits are then
+comparable position by position, and its greedy output equals the reference's exactly
+when its argmax matches the reference's token at every generated position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from harness.pairs import ModelPair
+
+
+@dataclasses.dataclass
+class Trajectory:
+    prompt_len: int
+    tokens: np.ndarray  # prompt + greedy continuation, int64 [P + N]
+
+    @property
+    def greedy(self) -> np.ndarray:
+        return self.tokens[self.prompt_len:]
+
+
+def make_prompts(pair: ModelPair) -> list[np.ndarray]:
+    """Random token prompts of the workload's lengths, fixed by the pair's seed (token 0 is left for padding)."""
+    rng = np.random.default_rng(pair.seed + 1)
+    vocab = int(pair.hf_config.get("vocab_size", 256))
+    return [rng.integers(1, vocab, size=n, dtype=np.int64) for n in pair.workload.prompt_lens]
+
+
+def greedy_trajectory(hf_model: torch.nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple[Trajectory, np.ndarray]:
+    """Greedy continuation by the HF reference, and its logits at every position but the last."""
+    tokens = torch.as_tensor(prompt, dtype=torch.long)[None]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = hf_model(tokens).logits[0, -1]
+            tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
+        logits = hf_model(tokens[:, :-1]).logits[0].float().numpy()
+    return Trajectory(len(prompt), tokens[0].numpy()), logits
+
+
+def greedy_of(logits: np.ndarray, trajectory: Trajectory) -> np.ndarray:
+    """The tokens a stage would generate greedily along the trajectory."""
+    return logits[trajectory.prompt_len - 1:].argmax(-1)

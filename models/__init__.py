@@ -1,0 +1,1 @@
+"""Model pairs: one module per pair, each declaring `PAIR = ModelPair(...)`."""

