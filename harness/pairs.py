@@ -57,6 +57,8 @@ class ModelPair:
     init_std: float = 0.15
     # For a real model: builds the float checkpoint dir itself instead of random init.
     checkpoint_builder: Callable[[Path], None] | None = None
+    # Checks beyond the standard ones, run after every stage: (pair, outputs, options) -> [CheckResult].
+    extra_checks: tuple[Callable[..., Any], ...] = ()
     suites: tuple[str, ...] = ("default", "full")
     expected_failure: str | None = None  # one line naming a known upstream defect
 

@@ -163,7 +163,8 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
                if options.wants(stages.tflite_stage(r))]
     s.enabled = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
-    s.enabled |= {stages.tflite_stage(r) for r in recipes} | {getattr(e, "stage", e.__name__) for e in options.extra_checks}
+    extras = tuple(options.extra_checks) + tuple(pair.extra_checks)
+    s.enabled |= {stages.tflite_stage(r) for r in recipes} | {getattr(e, "stage", e.__name__) for e in extras}
     if stages.STABLEHLO in s.enabled:
         s.enabled.add(stages.EXPORTED)
     if recipes:
@@ -180,8 +181,9 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
                                          message=f"recipe {recipe} does not apply to {name}"))
             continue
         s.run(stage, ("model", stages.TFLITE_FLOAT), tflite(recipe))
-    for extra in options.extra_checks:
-        s.run(getattr(extra, "stage", extra.__name__), (stages.REAUTHORED,), lambda: extra(pair, s.outputs, options))
+    for extra in extras:
+        s.run(getattr(extra, "stage", extra.__name__), (stages.REAUTHORED,),
+              lambda extra=extra: extra(pair, s.outputs, options))
     s.notes["cache"] = {"hits": len(options.cache.hits), "misses": len(options.cache.misses)}
     return PairReport(name, _expected_failures(pair, s.results), s.timings, s.notes, s.outputs)
 

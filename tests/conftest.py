@@ -1,0 +1,61 @@
+"""Shared, expensive fixtures: the tiny pair verified once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.cache import DEFAULT_ROOT, ArtifactCache
+from harness.gates import load_gates
+from harness.pairs import discover
+from harness.pipeline import RunOptions, verify_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run real-model tests (minutes, GiBs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="real-model test: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    return discover()
+
+
+@pytest.fixture(scope="session")
+def cache():
+    """The shared artifact cache (EDGE_PARITY_CACHE or ~/.cache/edge-parity): keys make sharing safe."""
+    return ArtifactCache(DEFAULT_ROOT)
+
+
+@pytest.fixture(scope="session")
+def gates():
+    return load_gates()
+
+
+@pytest.fixture(scope="session")
+def options(gates, cache):
+    return RunOptions(gates=gates, cache=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(pairs):
+    return pairs["tiny_llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_report(tiny_llama, options):
+    """tiny_llama through every stage with the default recipes, once per session."""
+    return verify_pair(tiny_llama, options)
