@@ -164,7 +164,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
                if options.wants(stages.tflite_stage(r))]
     s.enabled = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
     extras = tuple(options.extra_checks) + tuple(pair.extra_checks)
-    s.enabled |= {stages.tflite_stage(r) for r in recipes} | {getattr(e, "stage", e.__name__) for e in extras}
+    s.enabled |= {stages.tflite_stage(r) for r in recipes} | {_extra_stage(e) for e in extras}
     if stages.STABLEHLO in s.enabled:
         s.enabled.add(stages.EXPORTED)
     if recipes:
@@ -182,10 +182,15 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
             continue
         s.run(stage, ("model", stages.TFLITE_FLOAT), tflite(recipe))
     for extra in extras:
-        s.run(getattr(extra, "stage", extra.__name__), (stages.REAUTHORED,),
+        s.run(_extra_stage(extra), (stages.REAUTHORED,),
               lambda extra=extra: extra(pair, s.outputs, options))
     s.notes["cache"] = {"hits": len(options.cache.hits), "misses": len(options.cache.misses)}
     return PairReport(name, _expected_failures(pair, s.results), s.timings, s.notes, s.outputs)
+
+
+def _extra_stage(extra) -> str:
+    """The name an extra check's timing and progress line go under."""
+    return getattr(extra, "stage", None) or getattr(extra, "__name__", type(extra).__name__)
 
 
 def _expected_failures(pair: ModelPair, results: list[CheckResult]) -> list[CheckResult]:

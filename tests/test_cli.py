@@ -1,0 +1,100 @@
+"""The CLI as a user runs it: exit codes, reports on disk, caching, crash isolation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKEN = ROOT / "tests" / "fixtures" / "broken_models"
+
+
+def harness(*args, cwd=ROOT, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def statuses(out_dir):
+    data = json.loads((Path(out_dir) / "parity.json").read_text())
+    return {(r["model"], r["stage"], r["check"]): r["status"] for r in data["results"]}, data
+
+
+def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report):
+    # tiny_llama_report warmed the shared cache, so this run re-uses its conversions
+    proc = harness("verify", "--models", "tiny_llama", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found, data = statuses(tmp_path)
+    assert {stage for (_, stage, _) in found} >= {"hf", "reauthored", "exported", "stablehlo", "tflite_float",
+                                                 "tflite_dynamic_int8"}
+    assert set(found.values()) == {"pass"}
+    assert data["models"]["tiny_llama"]["notes"]["cache"]["misses"] == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# edge-parity: PASS") and "| tflite_float" in summary
+    assert "[tiny_llama] stablehlo" in proc.stdout  # a progress line per stage
+
+
+def test_broken_pair_exits_1_at_the_right_stage(tmp_path):
+    proc = harness("verify", "--models", "tiny_llama_bad_rope", "--models-dir", str(BROKEN),
+                   "--stages", "hf,reauthored", "--out", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    found, _ = statuses(tmp_path)
+    assert found[("tiny_llama_bad_rope", "reauthored", "logits")] == "fail"
+    assert found[("tiny_llama_bad_rope", "hf", "sensitivity")] == "pass"
+
+
+def test_unknown_model_exits_2_and_the_others_still_run(tmp_path):
+    proc = harness("verify", "--models", "nope,tiny_llama", "--stages", "hf,reauthored", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "unknown model pair 'nope'" in proc.stderr and "tiny_llama" in proc.stderr
+    found, _ = statuses(tmp_path)
+    assert found[("nope", "hf", "stage")] == "error"
+    assert found[("tiny_llama", "reauthored", "logits")] == "pass"
+
+
+def test_a_crashing_model_loses_nothing_else(tmp_path):
+    proc = harness("verify", "--models", "tiny_llama_crashes,tiny_llama", "--models-dir", str(BROKEN),
+                   "--stages", "hf,reauthored", "--out", str(tmp_path))
+    assert proc.returncode == 1
+    found, data = statuses(tmp_path)
+    crashed = [r for r in data["results"] if r["model"] == "tiny_llama_crashes" and r["status"] == "error"]
+    assert crashed and "died with exit code 9" in crashed[0]["message"]
+    assert found[("tiny_llama", "reauthored", "logits")] == "pass"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--gates", "/nonexistent/gates.toml"], "gates file /nonexistent/gates.toml does not exist"),
+    (["--quant", "int3"], "unknown quant recipe(s) int3"),
+    (["--stages", "tflite_magic"], "unknown stage(s) tflite_magic"),
+])
+def test_bad_configuration_exits_2_with_one_line(tmp_path, args, fragment):
+    proc = harness("verify", "--models", "tiny_llama", "--out", str(tmp_path), *args)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_conversions_are_cached_and_no_cache_rebuilds(tmp_path):
+    args = ["verify", "--models", "tiny_llama", "--stages", "tflite_float", "--quant", "none",
+            "--cache-dir", str(tmp_path / "cache")]
+    first = harness(*args, "--out", str(tmp_path / "a"))
+    second = harness(*args, "--out", str(tmp_path / "b"))
+    forced = harness(*args, "--out", str(tmp_path / "c"), "--no-cache")
+    cache = {}
+    for name, proc in (("a", first), ("b", second), ("c", forced)):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        cache[name] = statuses(tmp_path / name)[1]["models"]["tiny_llama"]["notes"]["cache"]
+    assert cache["a"]["misses"] == 2  # the checkpoint and the float flatbuffer
+    assert cache["b"] == {"hits": 2, "misses": 0}
+    assert cache["c"]["misses"] == 2
+    assert len(list((tmp_path / "cache" / "tflite").iterdir())) == 1
+
+
+def test_list_shows_pairs_stages_and_recipes():
+    proc = harness("list")
+    assert proc.returncode == 0
+    for word in ("tiny_llama", "GQA", "stablehlo", "tflite_<recipe>", "dynamic_int4_block128"):
+        assert word in proc.stdout

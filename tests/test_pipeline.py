@@ -1,0 +1,90 @@
+"""The pipeline on the tiny pair: clean passes every stage; each injected defect fails the right stage."""
+
+import dataclasses
+
+import pytest
+
+from harness import stages
+from harness.pipeline import verify_pair
+from harness.records import ERROR, FAIL, PASS, SKIP
+from tests import variants
+
+ALL_STAGES = {"hf", "reauthored", "exported", "stablehlo", "tflite_float", "tflite_dynamic_int8"}
+
+
+def by_stage(report):
+    out = {}
+    for r in report.results:
+        out.setdefault(r.stage, {})[r.check] = r
+    return out
+
+
+def test_clean_pair_passes_every_stage(tiny_llama_report):
+    results = by_stage(tiny_llama_report)
+    assert set(results) == ALL_STAGES
+    failed = [(r.stage, r.check, r.message) for r in tiny_llama_report.results if r.status != PASS]
+    assert not failed
+    for stage in ("reauthored", "exported", "stablehlo", "tflite_float"):
+        assert results[stage]["logits"].metrics["max_abs_err"] < 1e-4
+        assert results[stage]["greedy"].metrics["match"] == 1.0
+    assert results["tflite_dynamic_int8"]["quant_accuracy"].metrics["mean_kl"] > 0  # really quantized
+
+
+def test_reference_is_sensitive_and_says_so(tiny_llama_report):
+    sensitivity = by_stage(tiny_llama_report)["hf"]["sensitivity"]
+    assert sensitivity.metrics["entropy_ratio"] < 0.7
+    assert sensitivity.threshold == {"max_entropy_ratio": 0.85}
+
+
+def test_weight_coverage_counts_every_checkpoint_tensor(tiny_llama_report):
+    coverage = by_stage(tiny_llama_report)["reauthored"]["weight_coverage"]
+    # 2 layers x 9 tensors + embedding + final norm + lm_head
+    assert coverage.metrics["checkpoint_tensors"] == 21
+    assert coverage.metrics["unused_tensors"] == 0 and coverage.metrics["unloaded_params"] == 0
+
+
+def test_stablehlo_markers_are_resolved_not_left(tiny_llama_report):
+    resolved = tiny_llama_report.notes["stablehlo_markers_resolved"]
+    assert resolved["identities"] > 0 and resolved["embedding_lookups_as_gather"] == 3  # prefill_8, prefill_16, decode
+
+
+@pytest.mark.parametrize("builder", [variants.wrong_rope_base, variants.swapped_gate_up])
+def test_reauthoring_defect_fails_at_reauthored(builder, options):
+    options = dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))
+    results = by_stage(verify_pair(variants.variant(builder), options))
+    logits = results["reauthored"]["logits"]
+    assert logits.status == FAIL
+    # orders of magnitude above the tolerance, not a borderline miss
+    assert logits.metrics["max_abs_err"] > 100 * logits.threshold["max_max_abs_err"]
+    assert results["hf"]["sensitivity"].status == PASS
+
+
+def test_export_only_defect_fails_at_exported_and_its_descendants(options):
+    options = dataclasses.replace(options, stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
+    results = by_stage(verify_pair(variants.variant(variants.skewed_when_exported), options))
+    assert results["reauthored"]["logits"].status == PASS
+    assert results["exported"]["logits"].status == FAIL
+    assert results["stablehlo"]["logits"].status == PASS  # faithful to the (wrong) program it was lowered from
+    assert results["tflite_float"]["logits"].status == FAIL  # compared with the eager re-authored model
+
+
+def test_a_stage_error_is_recorded_and_the_rest_still_run(options):
+    options = dataclasses.replace(options, stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
+    report = verify_pair(variants.variant(variants.fails_to_export), options)
+    results = by_stage(report)
+    assert results["reauthored"]["logits"].status == PASS
+    assert results["exported"]["stage"].status == ERROR
+    assert "injected: this model cannot be exported" in results["exported"]["stage"].message
+    assert results["stablehlo"]["stage"].status == SKIP
+    assert "needs programs" in results["stablehlo"]["stage"].message
+    assert results["tflite_float"]["stage"].status == ERROR
+
+
+def test_too_low_init_std_fails_sensitivity(options):
+    options = dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))
+    pair = dataclasses.replace(variants.variant(variants.wrong_rope_base), init_std=0.02)
+    results = by_stage(verify_pair(pair, options))
+    assert results["hf"]["sensitivity"].status == FAIL
+    # and that is why: with near-uniform attention the same wrong RoPE base moves the logits
+    # less than the 100x-tolerance margin test_reauthoring_defect_fails_at_reauthored demands
+    assert results["reauthored"]["logits"].metrics["max_abs_err"] < 100 * 1e-4
