@@ -102,6 +102,7 @@ class _Stages:
 def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None) -> PairReport:
     """Every stage of one pair, compared with the stage it was derived from, held to the gates."""
     s = _Stages(pair, options, progress)
+    hits_before, misses_before = len(options.cache.hits), len(options.cache.misses)
     export = pair.export
     name = pair.name
 
@@ -184,7 +185,8 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     for extra in extras:
         s.run(_extra_stage(extra), (stages.REAUTHORED,),
               lambda extra=extra: extra(pair, s.outputs, options))
-    s.notes["cache"] = {"hits": len(options.cache.hits), "misses": len(options.cache.misses)}
+    s.notes["cache"] = {"hits": len(options.cache.hits) - hits_before,
+                        "misses": len(options.cache.misses) - misses_before}
     return PairReport(name, _expected_failures(pair, s.results), s.timings, s.notes, s.outputs)
 
 
