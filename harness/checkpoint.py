@@ -58,10 +58,12 @@ def reference_checkpoint(pair: ModelPair, cache: ArtifactCache) -> Path:
         if pair.checkpoint_builder is not None:
             pair.checkpoint_builder(out)
             return
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
+
         model_class, config_class = _hf_classes(pair)
         try:
             config = config_class(**pair.hf_config)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, StrictDataclassError) as e:
             raise HarnessError(f"pair {pair.name!r}: hf_config does not fit {config_class.__name__}: {e}") from e
         torch.manual_seed(pair.seed)
         model = model_class(config).eval()

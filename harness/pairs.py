@@ -33,6 +33,18 @@ class Workload:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpectedFailure:
+    """A known upstream defect: which stages it breaks, in one line, with a minimal reproduction."""
+
+    reason: str
+    stages: tuple[str, ...]  # only these stages' failures are expected; every other stage must pass
+    reproduction: str = ""
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelPair:
     """An HF reference and its litert-torch re-authored twin.
 
@@ -60,7 +72,7 @@ class ModelPair:
     # Checks beyond the standard ones, run after every stage: (pair, outputs, options) -> [CheckResult].
     extra_checks: tuple[Callable[..., Any], ...] = ()
     suites: tuple[str, ...] = ("default", "full")
-    expected_failure: str | None = None  # one line naming a known upstream defect
+    expected_failure: ExpectedFailure | None = None
 
     def __post_init__(self):
         unknown = set(self.quant_recipes) - set(QUANT_RECIPES)

@@ -196,15 +196,16 @@ def _extra_stage(extra) -> str:
 
 
 def _expected_failures(pair: ModelPair, results: list[CheckResult]) -> list[CheckResult]:
-    """A known upstream defect turns its failures into xfail, and says so."""
-    if not pair.expected_failure:
+    """A known upstream defect turns its stages' failures into xfail, and says so; other stages must pass."""
+    expected = pair.expected_failure
+    if not expected:
         return results
     for r in results:
-        if r.status in (FAIL, ERROR):
+        if r.status in (FAIL, ERROR) and r.stage in expected.stages:
             r.status = XFAIL
-            r.message = f"expected failure ({pair.expected_failure}): {r.message}"
+            r.message = f"expected failure ({expected.reason}): {r.message}"
     if not any(r.status == XFAIL for r in results):
         results.append(CheckResult(pair.name, stages.HF, stages.STAGE, PASS,
-                                   message=f"marked expected failure ({pair.expected_failure}) but every check passed: "
+                                   message=f"marked expected failure ({expected.reason}) but every check passed: "
                                            "remove expected_failure from the pair"))
     return results

@@ -105,6 +105,11 @@ def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
         if info.get("description"):
             lines += [info["description"], ""]
         lines += [model_table(results, fmt), ""]
+        expected = info.get("expected_failure")
+        if expected:
+            lines += [f"Expected failure at {', '.join(expected['stages'])}: {expected['reason']}", ""]
+            if expected.get("reproduction"):
+                lines += ["Minimal reproduction:", "", "```python", expected["reproduction"].strip(), "```", ""]
         if timings:
             lines += ["Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
         for key, value in info.get("notes", {}).items():

@@ -1,0 +1,116 @@
+"""Every model pair of the default suite through every stage, and the errors a broken pair gives."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness import cli, stages
+from harness.checkpoint import build_reauthored, reference_checkpoint
+from harness.errors import CheckpointError
+from harness.gates import DEFAULT_GATES_PATH
+from harness.pairs import discover
+from harness.pipeline import verify_pair
+from harness.records import ERROR, PASS, XFAIL
+from harness.suite import SuiteRequest, run_suite
+
+QUICK_STAGES = (stages.HF, stages.REAUTHORED)
+
+
+def pytest_generate_tests(metafunc):
+    """One test per pair of the default suite; pairs with a real checkpoint are slow."""
+    if "pair_name" in metafunc.fixturenames:
+        params = [pytest.param(name, marks=[pytest.mark.slow] if pair.checkpoint_builder else [])
+                  for name, pair in sorted(discover().items()) if "default" in pair.suites]
+        metafunc.parametrize("pair_name", params)
+
+
+def _expected_stages(pair) -> set[str]:
+    return set(stages.FLOAT_STAGES) | {stages.tflite_stage(r) for r in pair.default_quant}
+
+
+def test_pair_passes_every_stage(pair_name, pairs, options, request):
+    """Every pipeline stage passes, or the pair names the upstream defect that makes it xfail.
+
+    Extra checks (properties, goldens) have their own tests and are not judged here.
+    """
+    pair = pairs[pair_name]
+    # tiny_llama is already verified once per session by conftest.
+    report = (request.getfixturevalue("tiny_llama_report") if pair_name == "tiny_llama"
+              else verify_pair(pair, options))
+    results = [r for r in report.results if r.stage in _expected_stages(pair)]
+    ran = {r.stage for r in results}
+    assert ran == _expected_stages(pair), f"{pair_name}: stages that never reported: {_expected_stages(pair) - ran}"
+    bad = [f"{r.stage}/{r.check} {r.status}: {r.message}" for r in results if r.status not in (PASS, XFAIL)]
+    assert not bad, f"{pair_name}:\n" + "\n".join(bad)
+    if pair.expected_failure:
+        xfailed = [r for r in results if r.status == XFAIL]
+        assert xfailed and all(pair.expected_failure.reason in r.message for r in xfailed)
+        # the defect excuses only its own stages: every other stage passes outright
+        assert {r.stage for r in xfailed} <= set(pair.expected_failure.stages)
+        pytest.xfail(pair.expected_failure.reason)
+    assert all(r.status == PASS for r in results)
+
+
+# Error paths, on tiny_llama's checkpoint (untied head, so litert-torch loads it strictly).
+
+@pytest.fixture
+def checkpoint_copy(tiny_llama, cache, tmp_path):
+    """A writable copy of tiny_llama's checkpoint and its tensors."""
+    source = reference_checkpoint(tiny_llama, cache)
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(source, copy)
+    (weights,) = copy.glob("*.safetensors")
+    return weights, load_file(weights)
+
+
+def test_checkpoint_missing_tensor_is_named(tiny_llama, checkpoint_copy):
+    weights, tensors = checkpoint_copy
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lacks model\.layers\.1\.mlp\.up_proj\.weight"):
+        build_reauthored(tiny_llama, weights.parent, tiny_llama.export.kv_cache_max)
+
+
+def test_checkpoint_extra_tensor_is_named(tiny_llama, checkpoint_copy):
+    weights, tensors = checkpoint_copy
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.extra_proj\.weight"):
+        build_reauthored(tiny_llama, weights.parent, tiny_llama.export.kv_cache_max)
+
+
+def test_cli_unknown_model_exits_2_and_runs_the_others(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = cli.main(["verify", "--models", "tiny_llama,nope", "--stages", "hf,reauthored", "--in-process",
+                     "--out", str(out)])
+    assert code == cli.EXIT_USAGE
+    assert "unknown model pair 'nope'" in capsys.readouterr().err
+    results = json.loads((out / "parity.json").read_text())["results"]
+    assert {r["status"] for r in results if r["model"] == "tiny_llama"} == {PASS}
+    (nope,) = [r for r in results if r["model"] == "nope"]
+    assert nope["status"] == ERROR and "known: " in nope["message"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hf_class": "NoSuchModelForCausalLM"}, "transformers has no class 'NoSuchModelForCausalLM'"),
+    ({"hf_config_update": {"hidden_size": 130}}, "hf_config does not fit LlamaConfig"),
+], ids=["unknown_hf_class", "config_does_not_fit"])
+def test_unsupported_architecture_is_an_error_record_and_others_run(change, message, tiny_llama, options, tmp_path):
+    fields = {k: v for k, v in change.items() if k != "hf_config_update"}
+    config = {**tiny_llama.hf_config, **change.get("hf_config_update", {})}
+    broken = dataclasses.replace(tiny_llama, name="broken", hf_config=config, **fields)
+    quick = dataclasses.replace(options, stages=QUICK_STAGES)
+    request = SuiteRequest(tmp_path, str(DEFAULT_GATES_PATH), str(options.cache.root), stages=QUICK_STAGES)
+    document = run_suite([broken, tiny_llama], request, quick, echo=lambda line: None, isolate=False)
+    by_model = {}
+    for r in document["results"]:
+        by_model.setdefault(r["model"], []).append(r)
+    errors = [r for r in by_model["broken"] if r["status"] == ERROR]
+    assert len(errors) == 1 and errors[0]["stage"] == stages.HF and message in errors[0]["message"]
+    assert {r["status"] for r in by_model["tiny_llama"]} == {PASS}
