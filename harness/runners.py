@@ -27,6 +27,15 @@ def padded(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     return out, np.arange(length, dtype=np.int32)
 
 
+def check_position(pos: int, kv_cache_max: int) -> None:
+    """A write past the cache would be clamped silently by the runtime: refuse it instead."""
+    if not 0 <= pos < kv_cache_max:
+        raise HarnessError(
+            f"position {pos} is outside the KV cache (kv_cache_max={kv_cache_max}); "
+            "shorten the sequence or export a larger KV cache"
+        )
+
+
 def run_trajectory(runner, trajectory: Trajectory) -> np.ndarray:
     """Prefill the prompt, decode the rest teacher-forced: logits at every position but the last."""
     p = trajectory.prompt_len
@@ -74,6 +83,7 @@ class ReauthoredRunner:
         return self._call(np.asarray(tokens)[None], np.arange(len(tokens)), kv)
 
     def decode(self, token, pos, kv):
+        check_position(pos, self.kv_cache_max)
         logits, kv = self._call([[token]], [pos], kv)
         return logits[0], kv
 
@@ -92,6 +102,7 @@ class _FixedShapeRunner:
         return logits[: len(tokens)], kv
 
     def decode(self, token, pos, kv):
+        check_position(pos, self.kv_cache_max)
         logits, kv = self.call("decode", np.array([[token]], np.int32), np.array([pos], np.int32), kv)
         return logits[0], kv
 

@@ -56,6 +56,29 @@ def tiny_llama(pairs):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_report(tiny_llama, options):
+def pair_report(pairs, options):
+    """A pair through every stage, its default recipes and the property checks, run on first use and
+    kept for the session: `pair_report(name)` -> PairReport (with the runners of every stage)."""
+    import dataclasses
+
+    from harness.properties import property_checks
+
+    reports = {}
+
+    def run(name: str):
+        if name not in reports:
+            reports[name] = verify_pair(pairs[name], dataclasses.replace(options, extra_checks=(property_checks,)))
+        return reports[name]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def property_runs(pair_report):
+    return pair_report
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_report(pair_report):
     """tiny_llama through every stage with the default recipes, once per session."""
-    return verify_pair(tiny_llama, options)
+    return pair_report("tiny_llama")

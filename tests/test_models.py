@@ -34,15 +34,11 @@ def _expected_stages(pair) -> set[str]:
     return set(stages.FLOAT_STAGES) | {stages.tflite_stage(r) for r in pair.default_quant}
 
 
-def test_pair_passes_every_stage(pair_name, pairs, options, request):
-    """Every pipeline stage passes, or the pair names the upstream defect that makes it xfail.
-
-    Extra checks (properties, goldens) have their own tests and are not judged here.
-    """
+def test_pair_passes_every_stage(pair_name, pairs, pair_report):
+    """Every pipeline stage and its property checks pass, or the pair names the upstream defect that
+    makes its stage xfail. Goldens have their own tests."""
     pair = pairs[pair_name]
-    # tiny_llama is already verified once per session by conftest.
-    report = (request.getfixturevalue("tiny_llama_report") if pair_name == "tiny_llama"
-              else verify_pair(pair, options))
+    report = pair_report(pair_name)  # shared with the property tests: one verify per pair per session
     results = [r for r in report.results if r.stage in _expected_stages(pair)]
     ran = {r.stage for r in results}
     assert ran == _expected_stages(pair), f"{pair_name}: stages that never reported: {_expected_stages(pair) - ran}"

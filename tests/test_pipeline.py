@@ -100,3 +100,14 @@ def test_an_expected_failure_excuses_only_its_own_stages(options):
     results = by_stage(verify_pair(pair, options))
     assert results["reauthored"]["logits"].status == FAIL  # not hidden as xfail
     assert XFAIL not in {r.status for r in results["reauthored"].values()}
+
+
+def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
+    from harness.errors import HarnessError
+
+    for stage in (stages.REAUTHORED, stages.TFLITE_FLOAT):
+        runner = tiny_llama_report.outputs["runners"][stage]
+        kv = runner.empty_kv()
+        runner.decode(1, runner.kv_cache_max - 1, kv)  # the last slot works
+        with pytest.raises(HarnessError, match="outside the KV cache"):
+            runner.decode(1, runner.kv_cache_max, kv)
