@@ -44,3 +44,22 @@ def verify_full(session: nox.Session) -> None:
     """The full suite, including the real Gemma 3 270M from PyPI."""
     install(session, "[real]")
     session.run("harness", "verify", "--suite", "full", "--out", "reports/full", *session.posargs)
+
+
+@nox.session(python="3.11")
+def golden(session: nox.Session) -> None:
+    """Re-record golden/ for the default suite and print what moved; e.g. `nox -s golden -- --models tiny_llama`."""
+    install(session)
+    session.run("harness", "golden", "update", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """XNNPack performance of the default suite's artifacts: reports/latest/perf.{json,md,png}.
+
+    Gate against a previous conversion: `nox -s bench -- --baseline reports/baseline` after saving it
+    with `--save-baseline reports/baseline` (its .tflite files and baseline.json; keep that directory
+    between CI runs). The gate's noise and power: `nox -s bench -- --self-check 30`.
+    """
+    install(session)
+    session.run("harness", "bench", *session.posargs)

@@ -16,6 +16,10 @@ LOGITS = "logits"
 GREEDY = "greedy"
 QUANT_ACCURACY = "quant_accuracy"
 STAGE = "stage"  # the stage itself could not run
+PREFILL_DECODE = "prefill_decode"  # prefix, chunked, causal, padded and repeated runs agree (harness/properties.py)
+KV_CACHE = "kv_cache"  # cache contents vs HF, never-read slots, one write per decode, the end of the cache
+PROPERTIES = "properties"  # the extra check that measures both, per stage, after every stage has run
+GOLDEN = "golden"  # drift from the recorded golden outputs (also the name of the stage that runs it)
 
 # Every recipe litert-torch's converter offers (converter.QuantizationName), minus "none".
 QUANT_RECIPES = (

@@ -28,6 +28,8 @@ class SuiteRequest:
     num_threads: int = 2
     models_dirs: tuple[str, ...] = ()
     stages: tuple[str, ...] | None = None
+    golden_dir: str | None = None  # None: the repository's golden/
+    against: str | None = None  # "golden": the release gate, a missing golden is an error
 
 
 def child_command(request: SuiteRequest, model: str, result_path: Path) -> list[str]:
@@ -41,6 +43,10 @@ def child_command(request: SuiteRequest, model: str, result_path: Path) -> list[
         command += ["--stages", ",".join(request.stages)]
     for d in request.models_dirs:
         command += ["--models-dir", d]
+    if request.golden_dir:
+        command += ["--golden-dir", request.golden_dir]
+    if request.against:
+        command += ["--against", request.against]
     return command
 
 
@@ -87,8 +93,9 @@ def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions
     for pair in pairs:
         rep = run_isolated(request, pair, echo) if isolate else verify_pair(pair, options, progress)
         results.extend(rep.results)
+        expected = dataclasses.asdict(pair.expected_failure) if pair.expected_failure else None
         models[pair.name] = {"description": pair.description, "features": list(pair.features),
-                             "expected_failure": pair.expected_failure, "timings": rep.timings, "notes": rep.notes}
+                             "expected_failure": expected, "timings": rep.timings, "notes": rep.notes}
         document = report.parity_document(run, results, models)
         report.write_parity(request.out_dir, document)
         report.write_summary(request.out_dir, document)
