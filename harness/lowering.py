@@ -126,6 +126,30 @@ def lower_programs(programs: dict[str, torch.export.ExportedProgram]):
     return lowered, resolved
 
 
+# XlaCallModule receives the module as text inside a protobuf, which caps at 2 GiB; the
+# lowered module inlines every weight as a hex literal (two characters per byte).
+XLA_CALL_MODULE_LIMIT = 2**31
+
+
+def inlined_weight_bytes(model) -> int:
+    """Bytes of distinct weights the lowered module carries inline (tied weights count once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def too_large_to_execute(model) -> str | None:
+    """Why the StableHLO of this model cannot go through XlaCallModule, or None if it can."""
+    size = 2 * inlined_weight_bytes(model)
+    if size < XLA_CALL_MODULE_LIMIT * 0.9:
+        return None
+    return (f"skipped: the lowered module inlines {inlined_weight_bytes(model) / 2**30:.2f} GiB of weights "
+            f"(~{size / 2**30:.1f} GiB as text), over the 2 GiB protobuf limit of XlaCallModule's module attribute")
+
+
 def custom_calls(lowered) -> list[str]:
     """Custom calls left in the lowered modules: anything here could not be executed."""
     import re

@@ -71,6 +71,8 @@ class ModelPair:
     checkpoint_builder: Callable[[Path], None] | None = None
     # Checks beyond the standard ones, run after every stage: (pair, outputs, options) -> [CheckResult].
     extra_checks: tuple[Callable[..., Any], ...] = ()
+    # Extra checks this pair opts out of, by name, each with the reason the report shows.
+    skipped_checks: tuple[tuple[str, str], ...] = ()
     suites: tuple[str, ...] = ("default", "full")
     expected_failure: ExpectedFailure | None = None
 

@@ -13,7 +13,8 @@ from harness.checkpoint import attention_entropy_ratio, build_reauthored, load_h
 from harness.convert import FLOAT, convert
 from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gates, thresholds_for
-from harness.lowering import StableHLORunner, converter_signatures, custom_calls, export_programs, lower_programs
+from harness.lowering import (StableHLORunner, converter_signatures, custom_calls, export_programs, lower_programs,
+                              too_large_to_execute)
 from harness.pairs import ModelPair
 from harness.records import ERROR, FAIL, PASS, SKIP, XFAIL, CheckResult
 from harness.runners import ExportedRunner, ReauthoredRunner, TFLiteRunner, run_trajectory
@@ -133,6 +134,9 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
         return s.compare_float(stages.EXPORTED, logits)
 
     def stablehlo():
+        too_large = too_large_to_execute(s.outputs["model"])
+        if too_large:
+            return [CheckResult(name, stages.STABLEHLO, stages.STAGE, SKIP, message=too_large)]
         lowered, resolved = lower_programs(s.outputs["programs"])
         s.notes["stablehlo_markers_resolved"] = resolved
         left = custom_calls(lowered)
@@ -164,7 +168,8 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
                if options.wants(stages.tflite_stage(r))]
     s.enabled = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
-    extras = tuple(options.extra_checks) + tuple(pair.extra_checks)
+    skipped = dict(pair.skipped_checks)
+    extras = tuple(e for e in tuple(options.extra_checks) + tuple(pair.extra_checks) if _extra_stage(e) not in skipped)
     s.enabled |= {stages.tflite_stage(r) for r in recipes} | {_extra_stage(e) for e in extras}
     if stages.STABLEHLO in s.enabled:
         s.enabled.add(stages.EXPORTED)
@@ -173,7 +178,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     s.run(stages.HF, (), hf)
     s.run(stages.REAUTHORED, ("checkpoint", "trajectories"), reauthored)
     s.run(stages.EXPORTED, ("model", stages.REAUTHORED), exported)
-    s.run(stages.STABLEHLO, ("programs", stages.EXPORTED), stablehlo)
+    s.run(stages.STABLEHLO, ("programs", stages.EXPORTED, "model"), stablehlo)
     s.run(stages.TFLITE_FLOAT, ("model", stages.REAUTHORED), tflite(FLOAT))
     for recipe in recipes:
         stage = stages.tflite_stage(recipe)
@@ -182,6 +187,8 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
                                          message=f"recipe {recipe} does not apply to {name}"))
             continue
         s.run(stage, ("model", stages.TFLITE_FLOAT), tflite(recipe))
+    for check, reason in skipped.items():
+        s.results.append(CheckResult(name, check, stages.STAGE, SKIP, message=f"skipped for this pair: {reason}"))
     for extra in extras:
         s.run(_extra_stage(extra), (stages.REAUTHORED,),
               lambda extra=extra: extra(pair, s.outputs, options))

@@ -17,7 +17,7 @@ PARITY_JSON = "parity.json"
 SUMMARY_MD = "summary.md"
 
 # The metrics worth a column; the JSON keeps them all.
-HEADLINE_METRICS = ("max_abs_err", "min_cosine", "top1", "match", "mean_kl", "p99_kl", "max_kl",
+HEADLINE_METRICS = ("max_abs_err", "min_cosine", "top1", "match", "ppl", "ppl_ratio_vs_hf", "mean_kl", "p99_kl", "max_kl",
                     "entropy_ratio", "unused_tensors", "unloaded_params")
 
 

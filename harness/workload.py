@@ -9,11 +9,13 @@ when its argmax matches the reference's token at every generated position.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
 
-from harness.pairs import ModelPair
+from harness.errors import HarnessError
+from harness.pairs import ModelPair, Workload
 
 
 @dataclasses.dataclass
@@ -26,11 +28,32 @@ class Trajectory:
         return self.tokens[self.prompt_len:]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextWorkload(Workload):
+    """A real model's workload: prompt i is the first prompt_lens[i] ids of `prompts()[i]`, real text tokens."""
+
+    prompts: Callable[[], list[list[int]]]
+
+
 def make_prompts(pair: ModelPair) -> list[np.ndarray]:
-    """Random token prompts of the workload's lengths, fixed by the pair's seed (token 0 is left for padding)."""
+    """Random token prompts of the workload's lengths, fixed by the pair's seed (token 0 is left for padding),
+    or a TextWorkload's real-text prompts."""
+    if isinstance(pair.workload, TextWorkload):
+        return text_prompts(pair.workload)
     rng = np.random.default_rng(pair.seed + 1)
     vocab = int(pair.hf_config.get("vocab_size", 256))
     return [rng.integers(1, vocab, size=n, dtype=np.int64) for n in pair.workload.prompt_lens]
+
+
+def text_prompts(workload: TextWorkload) -> list[np.ndarray]:
+    """The real-text prompts of a TextWorkload, each cut to its prompt length."""
+    sources = workload.prompts()
+    if len(sources) != len(workload.prompt_lens) or any(len(s) < n for s, n in zip(sources, workload.prompt_lens)):
+        raise HarnessError(
+            f"the workload asks for prompts of {list(workload.prompt_lens)} tokens but its prompts() gives "
+            f"{[len(s) for s in sources]}; list one long-enough prompt per prompt length"
+        )
+    return [np.asarray(s[:n], dtype=np.int64) for s, n in zip(sources, workload.prompt_lens)]
 
 
 def greedy_trajectory(hf_model: torch.nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple[Trajectory, np.ndarray]:

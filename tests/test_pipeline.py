@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from harness import stages
 from harness.pipeline import verify_pair
@@ -111,3 +112,16 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
         runner.decode(1, runner.kv_cache_max - 1, kv)  # the last slot works
         with pytest.raises(HarnessError, match="outside the KV cache"):
             runner.decode(1, runner.kv_cache_max, kv)
+
+
+def test_a_module_too_large_for_xla_call_module_is_skipped_with_the_reason():
+    from harness.lowering import too_large_to_execute
+
+    small = torch.nn.Linear(4, 4)
+    assert too_large_to_execute(small) is None
+    big = torch.nn.Module()
+    big.weight = torch.nn.Parameter(torch.empty(300_000_000), requires_grad=False)  # 1.2 GB, ~2.4 GB as text
+    assert "over the 2 GiB protobuf limit" in too_large_to_execute(big)
+    big.tied = big.weight  # a tied weight is inlined once
+    big.extra = torch.nn.Parameter(torch.empty(100_000_000), requires_grad=False)
+    assert too_large_to_execute(big).startswith("skipped: the lowered module inlines 1.49 GiB")

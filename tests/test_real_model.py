@@ -1,0 +1,175 @@
+"""The real Gemma 3 270M through every stage and on real text, and the real-text check itself.
+
+The real-model tests take minutes and GiBs: they run only with --run-slow. The others hold
+harness/realtext.py to a tiny random Llama and a byte tokenizer, so they run everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness import realtext, stages
+from harness.checkpoint import load_hf
+from harness.gates import thresholds_for
+from harness.pipeline import verify_pair
+from harness.records import FAIL, PASS, SKIP
+
+REAL = "gemma3_270m_real"
+INT8 = stages.tflite_stage("dynamic_int8")
+
+
+# ---------------------------------------------------------------- the real model (slow)
+
+@pytest.fixture(scope="module")
+def real_report(pairs, options):
+    """gemma3_270m_real with its default recipe (dynamic_int8), once per module."""
+    return verify_pair(pairs[REAL], options)
+
+
+def _result(report, stage: str, check: str):
+    found = [r for r in report.results if r.stage == stage and r.check == check]
+    assert len(found) == 1, f"expected one {stage}/{check} record, got {len(found)}"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_real_model_passes_every_gate(real_report):
+    bad = [f"{r.stage}/{r.check}: {r.status} {r.message}" for r in real_report.results
+           if r.status not in (PASS, SKIP) or (r.status == SKIP and r.check != "golden")]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_real_model_accuracy_table(real_report, gates):
+    hf = _result(real_report, stages.HF, realtext.PERPLEXITY).metrics
+    flt = _result(real_report, stages.TFLITE_FLOAT, realtext.PERPLEXITY).metrics
+    int8 = _result(real_report, INT8, realtext.PERPLEXITY).metrics
+    assert hf["tokens"] == flt["tokens"] == int8["tokens"] > 4000
+    # Float: the same model, so the same perplexity and the same distribution at every position.
+    assert abs(flt["ppl_ratio_vs_hf"] - 1) < 1e-3 and flt["kl_vs"] == stages.HF and flt["top1"] > 0.99
+    # dynamic_int8 costs a little, within its gates, and is measured against the float flatbuffer.
+    limits = thresholds_for(gates, REAL, INT8, realtext.PERPLEXITY)
+    assert int8["kl_vs"] == stages.TFLITE_FLOAT
+    assert 1 < int8["ppl_ratio_vs_hf"] <= limits["max_ppl_ratio_vs_hf"]
+    assert 0 < int8["mean_kl"] <= limits["max_mean_kl"] and int8["p99_kl"] <= limits["max_p99_kl"]
+    assert limits["min_top1"] <= int8["top1"] < 1
+    # Code is far more predictable than prose, for every stage.
+    for metrics in (hf, flt, int8):
+        by_doc = metrics["ppl_by_document"]
+        assert by_doc["code_python.txt"] < by_doc["prose_original.txt"]
+    text = _result(real_report, stages.TFLITE_FLOAT, realtext.GREEDY_TEXT).metrics
+    assert text["identical"] == 1.0 and all(t["hf"].strip() for t in text["texts"])
+
+
+@pytest.mark.slow
+def test_shipped_prompts_match_the_gguf_tokenizer(real_report):
+    tokenizer = realtext.load_tokenizer(real_report.outputs["checkpoint"])
+    shipped = realtext.load_prompts(realtext.DATA_DIR / "gemma3_270m_prompts.json")
+    fresh = [r["ids"] for r in realtext.prompt_records(tokenizer, len(shipped[0]))]
+    assert shipped == fresh, ("harness/data/gemma3_270m_prompts.json is stale: regenerate it with "
+                              "realtext.write_prompts(tokenizer, 200, path)")
+
+
+# ---------------------------------------------------------------- the check itself (fast)
+
+class ByteTokenizer:
+    """Text as bytes + 2, BOS 1: enough of a tokenizer for a 256-token vocabulary."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [min(b + 2, 255) for b in text.encode()]}
+
+    def decode(self, ids):
+        return bytes(int(i) - 2 for i in ids if int(i) > 1).decode(errors="replace")
+
+
+class HFRunner:
+    """A flatbuffer stand-in: the HF model itself behind the prefill/decode interface, plus optional noise."""
+
+    def __init__(self, model, prefill_lens, kv_cache_max, noise: float = 0.0):
+        self.model, self.prefill_lens, self.kv_cache_max = model, prefill_lens, kv_cache_max
+        self.rng = np.random.default_rng(0)
+        self.noise = noise
+
+    def empty_kv(self):
+        return np.zeros(0, np.int64)  # the "cache" is the tokens seen so far
+
+    def call(self, name, tokens, positions, kv):
+        seen = np.concatenate([kv[: int(positions[0])], tokens[0]])
+        with torch.no_grad():
+            logits = self.model(torch.as_tensor(seen)[None]).logits[0, int(positions[0]):].numpy()
+        return logits + self.noise * self.rng.standard_normal(logits.shape).astype(np.float32), seen
+
+    def prefill(self, tokens, kv):
+        logits, kv = self.call("prefill", np.asarray(tokens)[None], np.arange(len(tokens)), kv)
+        return logits, kv
+
+    def decode(self, token, pos, kv):
+        logits, kv = self.call("decode", np.array([[token]]), np.array([pos]), kv)
+        return logits[0], kv
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_llama, cache):
+    from harness.checkpoint import reference_checkpoint
+
+    return load_hf(tiny_llama, reference_checkpoint(tiny_llama, cache))
+
+
+# A short extract of the corpus: ~10 windows of the tiny pair's 64-token KV cache.
+DOCUMENTS = {name: text[:300] for name, text in realtext.corpus().items()}
+
+
+def _text_gates(stage_limits):
+    return {"models": {"tiny_llama": {stage: {realtext.PERPLEXITY: limits} for stage, limits in stage_limits.items()}}}
+
+
+def test_windows_restart_at_bos_and_drop_short_tails():
+    ids = [1] + list(range(2, 2 + 3 * 39 + 32))
+    cut = realtext.windows(ids, 40)
+    assert [len(w) for w in cut] == [40, 40, 40, 33] and all(w[0] == 1 for w in cut)
+    assert np.array_equal(np.concatenate([w[1:] for w in cut]), ids[1:])
+    assert [len(w) for w in realtext.windows(ids[:40 + 30], 40)] == [40]  # a 31-token tail is no window
+
+
+def test_nll_is_cross_entropy():
+    logits = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32) * 4
+    targets = np.array([0, 3, 6, 2, 2])
+    expected = torch.nn.functional.cross_entropy(torch.as_tensor(logits, dtype=torch.float64),
+                                                 torch.as_tensor(targets), reduction="none").numpy()
+    assert np.allclose(realtext.nll(logits, targets), expected)
+
+
+def test_perplexity_of_a_faithful_stage_matches_hf(tiny_llama, tiny_hf):
+    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64)}
+    gates = _text_gates({stages.TFLITE_FLOAT: {"max_ppl_ratio_vs_hf": 1.0001, "max_mean_kl": 1e-6, "min_top1": 1.0}})
+    results = realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(), gates, DOCUMENTS)
+    assert [(r.stage, r.status) for r in results] == [(stages.HF, PASS), (stages.TFLITE_FLOAT, PASS)]
+    hf, flt = (r.metrics for r in results)
+    assert hf["tokens"] == flt["tokens"] > 800 and set(hf["ppl_by_document"]) == set(realtext.CORPUS)
+
+
+def test_perplexity_fails_a_noisy_stage(tiny_llama, tiny_hf):
+    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64),
+               INT8: HFRunner(tiny_hf, (8, 16), 64, noise=10.0)}
+    gates = _text_gates({INT8: {"max_ppl_ratio_vs_hf": 1.05, "max_mean_kl": 0.05, "min_top1": 0.85}})
+    results = realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(), gates, DOCUMENTS)
+    noisy = results[-1]
+    assert noisy.stage == INT8 and noisy.status == FAIL and noisy.metrics["kl_vs"] == stages.TFLITE_FLOAT
+    assert "mean_kl" in noisy.message and "top1" in noisy.message
+
+
+def test_greedy_text_names_the_first_difference(tiny_llama, tiny_hf):
+    from harness.workload import greedy_trajectory
+
+    prompt = np.array([1, 74, 105, 110, 121], dtype=np.int64)
+    traj, _ = greedy_trajectory(tiny_hf, prompt, 6)
+    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64),
+               INT8: HFRunner(tiny_hf, (8, 16), 64, noise=50.0)}
+    gates = {"models": {"tiny_llama": {s: {realtext.GREEDY_TEXT: {"min_identical": 1.0}} for s in runners}}}
+    same, noisy = realtext.greedy_text(tiny_llama, runners, [traj], ByteTokenizer(), gates)
+    assert same.status == PASS and same.metrics["identical"] == 1.0
+    assert noisy.status == FAIL and "prompt 0: HF " in noisy.message
