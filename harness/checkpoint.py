@@ -12,7 +12,7 @@ import torch
 
 from harness.cache import ArtifactCache, dir_digest
 from harness.errors import CheckpointError, HarnessError
-from harness.pairs import ModelPair, _describe
+from harness.pairs import ModelPair, describe
 from harness.records import library_versions
 
 
@@ -50,7 +50,7 @@ def reference_checkpoint(pair: ModelPair, cache: ArtifactCache) -> Path:
         "hf_config": pair.hf_config,
         "seed": pair.seed,
         "init_std": pair.init_std,
-        "builder": _describe(pair.checkpoint_builder),
+        "builder": describe(pair.checkpoint_builder),
         "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
     }
 

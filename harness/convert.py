@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness.cache import ArtifactCache, dir_digest
 from harness.lowering import export_config
-from harness.pairs import ModelPair, fingerprint
+from harness.pairs import ModelPair, describe
 from harness.records import library_versions
 
 FLOAT = "none"  # litert-torch's name for no quantization
@@ -17,10 +17,10 @@ MODEL_FILE = "model.tflite"
 
 
 def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str) -> dict:
-    """Everything that affects a converted artifact."""
+    """Everything that affects a converted artifact (not the pair's prose, workload or checks)."""
     return {
         "pair": pair.name,
-        "definition": fingerprint(pair),
+        "reauthored": describe(pair.reauthored),
         "weights": dir_digest(checkpoint),
         "prefill_lens": list(pair.export.prefill_lens),
         "kv_cache_max": pair.export.kv_cache_max,

@@ -28,7 +28,7 @@ from harness import stages
 from harness.checks import verdict
 from harness.errors import GoldenError
 from harness.gates import QUANTIZED_FALLBACK, Gates, judge, thresholds_for
-from harness.pairs import ModelPair, _describe, fingerprint
+from harness.pairs import ModelPair, describe, fingerprint
 from harness.records import ERROR, FAIL, PASS, SKIP, XFAIL, CheckResult, library_versions
 from harness import report
 from harness.report import write_atomic
@@ -61,7 +61,7 @@ def golden_path(golden_dir: Path, model: str) -> Path:
 
 def reference_key(pair: ModelPair) -> str:
     """Hash of what decides the prompts and the reference weights (the builders are left out)."""
-    text = json.dumps({f: _describe(getattr(pair, f)) for f in REFERENCE_FIELDS}, sort_keys=True, default=repr)
+    text = json.dumps({f: describe(getattr(pair, f)) for f in REFERENCE_FIELDS}, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

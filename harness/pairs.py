@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
 import pkgutil
+import sysconfig
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,33 +88,74 @@ class ModelPair:
             )
 
 
-def _describe(value: Any) -> Any:
-    """A stable, JSON-able description of a field, callables by their source."""
+_LIBRARY_DIRS = tuple(sorted({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}))
+
+
+def _is_library(obj: Any) -> bool:
+    """Installed packages and the standard library: their versions, part of every key, stand for their code."""
+    try:
+        path = inspect.getsourcefile(obj) or ""
+    except TypeError:  # builtins
+        return True
+    return not path or path.startswith(_LIBRARY_DIRS)
+
+
+def _names_read(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_read(const)
+    return names
+
+
+def _describe_callable(value: Any, seen: set[int]) -> Any:
+    """Project code by its source and what it reads, recursively; library code by its name.
+
+    Only what a function reads counts, so editing a docstring or another function of the
+    same file leaves the key alone, while editing HF_CONFIG or a helper it calls does not.
+    """
+    if isinstance(value, functools.partial):
+        return {"partial": describe(value.func, seen), "args": [describe(a, seen) for a in value.args],
+                "keywords": {k: describe(v, seen) for k, v in sorted(value.keywords.items())}}
+    name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    if _is_library(value) or id(value) in seen:
+        return name
+    seen.add(id(value))
+    try:
+        source = inspect.getsource(value)
+    except (OSError, TypeError):
+        return name
+    code = getattr(value, "__code__", None)
+    if code is None:  # a class: its source
+        return {"name": name, "source": source}
+    namespace = getattr(value, "__globals__", {})
+    reads = {n: describe(namespace[n], seen) for n in sorted(_names_read(code))
+             if n in namespace and not inspect.ismodule(namespace[n])}
+    for n, cell in zip(code.co_freevars, value.__closure__ or ()):
+        try:
+            reads[n] = describe(cell.cell_contents, seen)
+        except ValueError:  # a cell not filled yet
+            reads[n] = None
+    return {"name": name, "source": source, "reads": reads}
+
+
+def describe(value: Any, seen: set[int] | None = None) -> Any:
+    """A stable, JSON-able description of a field, callables by their source and what it reads."""
+    seen = set() if seen is None else seen
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: describe(getattr(value, f.name), seen) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in sorted(value.items())}
+        return {str(k): describe(v, seen) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
+        return [describe(v, seen) for v in value]
     if callable(value):
-        func = getattr(value, "func", value)  # functools.partial
-        try:
-            source = inspect.getsource(func)
-        except (OSError, TypeError):
-            source = getattr(func, "__qualname__", repr(func))
-        module = inspect.getmodule(func)
-        try:
-            module_source = inspect.getsource(module) if module else ""
-        except (OSError, TypeError):
-            module_source = ""
-        extra = [repr(getattr(value, "args", ())), repr(getattr(value, "keywords", {}))]
-        return {"source": source, "module": hashlib.sha256(module_source.encode()).hexdigest(), "args": extra}
+        return _describe_callable(value, seen)
     return value
 
 
 def fingerprint(pair: ModelPair) -> str:
     """Hash of everything in a pair definition, builders' source included."""
-    text = json.dumps(_describe(pair), sort_keys=True, default=repr)
+    text = json.dumps(describe(pair), sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -5,22 +5,17 @@ import math
 
 import torch
 from litert_torch.generative.examples.phi import phi3
-from litert_torch.generative.utilities import model_builder
 
 from harness.pairs import ExportSettings, ModelPair
+from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
 _HEAD_DIM = 32
 HF_CONFIG = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    TINY_DECODER,
     num_key_value_heads=4,
     # LongRoPE as in Phi-3.5 (max / original = 32 there, 4 here). litert-torch implements the
     # short factors only ("up to 4K tokens"), which HF uses while the sequence fits the original
     # length, so the workload stays far below original_max_position_embeddings.
-    max_position_embeddings=256,
     original_max_position_embeddings=64,
     rope_parameters={
         "rope_type": "longrope",
@@ -40,14 +35,9 @@ HF_CONFIG = dict(
 
 
 def reauthored_config():
-    """litert-torch's Phi-3.5 config, shrunk to the same shape as HF_CONFIG."""
+    """litert-torch's Phi-3.5 config, cut to HF_CONFIG's shape, with its LongRoPE short factors."""
     rope = HF_CONFIG["rope_parameters"]
-    config = phi3.get_model_config()
-    config.vocab_size = HF_CONFIG["vocab_size"]
-    config.num_layers = HF_CONFIG["num_hidden_layers"]
-    config.embedding_dim = HF_CONFIG["hidden_size"]
-    config.max_seq_len = HF_CONFIG["max_position_embeddings"]
-    config.final_norm_config.epsilon = HF_CONFIG["rms_norm_eps"]
+    config = shrink_config(phi3.get_model_config(), HF_CONFIG)
     config.build_rope = functools.partial(
         phi3._build_phi3_rope,
         condense_ratio=1,
@@ -56,25 +46,7 @@ def reauthored_config():
         theta_factors=torch.tensor(rope["short_factor"]),
         scale=math.sqrt(1 + math.log(rope["factor"]) / math.log(rope["original_max_position_embeddings"])),
     )
-    block = config.block_config(0)
-    attn = block.attn_config
-    attn.num_heads = HF_CONFIG["num_attention_heads"]
-    attn.head_dim = _HEAD_DIM
-    attn.num_query_groups = HF_CONFIG["num_key_value_heads"]
-    attn.rotary_base = rope["rope_theta"]
-    block.ff_config.intermediate_size = HF_CONFIG["intermediate_size"]
     return config
-
-
-def build_reauthored(checkpoint_path, custom_loader=None, mask_cache_size=0):
-    return model_builder.build_decoder_only_model(
-        checkpoint_path=checkpoint_path,
-        config=reauthored_config(),
-        tensor_names=phi3.TENSOR_NAMES,
-        model_class=phi3.Phi3_5Mini,
-        custom_loader=custom_loader,
-        mask_cache_size=mask_cache_size,
-    )
 
 
 PAIR = ModelPair(
@@ -83,6 +55,6 @@ PAIR = ModelPair(
     features=("fused QKV", "fused gate/up", "LongRoPE (short factors)", "RMSNorm"),
     hf_class="Phi3ForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=build_reauthored,
+    reauthored=decoder_builder(reauthored_config, phi3.TENSOR_NAMES, phi3.Phi3_5Mini),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

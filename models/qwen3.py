@@ -1,19 +1,14 @@
 """Qwen 3 architecture: QK norm (RMSNorm per head), GQA, no QKV bias, separate LM head (8B and up)."""
 
 from litert_torch.generative.examples.qwen import qwen3
-from litert_torch.generative.utilities import model_builder
 
 from harness.pairs import ExportSettings, ModelPair
+from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
 HF_CONFIG = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    TINY_DECODER,
     num_key_value_heads=2,
     head_dim=32,
-    max_position_embeddings=256,
     rope_theta=1_000_000.0,
     rms_norm_eps=1e-6,
     # qwen3.TENSOR_NAMES maps lm_head, so the untied layout of Qwen3-8B and up.
@@ -22,33 +17,8 @@ HF_CONFIG = dict(
 
 
 def reauthored_config():
-    """litert-torch's Qwen 3 4B config, shrunk to the same shape as HF_CONFIG."""
-    config = qwen3.get_4b_model_config()
-    config.vocab_size = HF_CONFIG["vocab_size"]
-    config.num_layers = HF_CONFIG["num_hidden_layers"]
-    config.embedding_dim = HF_CONFIG["hidden_size"]
-    config.max_seq_len = HF_CONFIG["max_position_embeddings"]
-    config.lm_head_share_weight_with_embedding = HF_CONFIG["tie_word_embeddings"]
-    config.final_norm_config.epsilon = HF_CONFIG["rms_norm_eps"]
-    block = config.block_config(0)
-    attn = block.attn_config
-    attn.num_heads = HF_CONFIG["num_attention_heads"]
-    attn.head_dim = HF_CONFIG["head_dim"]
-    attn.num_query_groups = HF_CONFIG["num_key_value_heads"]
-    attn.rotary_base = HF_CONFIG["rope_theta"]
-    block.ff_config.intermediate_size = HF_CONFIG["intermediate_size"]
-    return config
-
-
-def build_reauthored(checkpoint_path, custom_loader=None, mask_cache_size=0):
-    return model_builder.build_decoder_only_model(
-        checkpoint_path=checkpoint_path,
-        config=reauthored_config(),
-        tensor_names=qwen3.TENSOR_NAMES,
-        model_class=qwen3.Qwen3,
-        custom_loader=custom_loader,
-        mask_cache_size=mask_cache_size,
-    )
+    """litert-torch's Qwen 3 4B config, cut to HF_CONFIG's shape."""
+    return shrink_config(qwen3.get_4b_model_config(), HF_CONFIG)
 
 
 PAIR = ModelPair(
@@ -57,6 +27,6 @@ PAIR = ModelPair(
     features=("GQA", "QK norm", "RoPE", "gated MLP", "RMSNorm", "separate LM head"),
     hf_class="Qwen3ForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=build_reauthored,
+    reauthored=decoder_builder(reauthored_config, qwen3.TENSOR_NAMES, qwen3.Qwen3),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

@@ -4,17 +4,14 @@ import dataclasses
 
 import torch
 from litert_torch.generative.examples.tiny_llama import tiny_llama as litert_tiny_llama
-from litert_torch.generative.utilities import model_builder
 
+from harness.reauthor import decoder_builder
 from models import tiny_llama
 
 
 def _build(config=None, tensor_names=None, model_class=litert_tiny_llama.TinyLlama):
-    def build(checkpoint_path, custom_loader=None, mask_cache_size=0):
-        return model_builder.build_decoder_only_model(
-            checkpoint_path, config or tiny_llama.reauthored_config(), tensor_names or litert_tiny_llama.TENSOR_NAMES,
-            model_class, custom_loader, mask_cache_size)
-    return build
+    return decoder_builder(lambda: config or tiny_llama.reauthored_config(),
+                           tensor_names or litert_tiny_llama.TENSOR_NAMES, model_class)
 
 
 def wrong_rope_base(checkpoint_path, custom_loader=None, mask_cache_size=0):
