@@ -111,14 +111,19 @@ def resolve_tensor_markers(module) -> dict[str, int]:
     return {"identities": len(markers), "embedding_lookups_as_gather": len(lookups)}
 
 
-def lower_programs(programs: dict[str, torch.export.ExportedProgram]):
-    """Each program through the converter's FX passes and MLIR lowering, markers resolved."""
+def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True):
+    """Each program through the converter's FX passes and MLIR lowering, markers resolved.
+
+    Weights are inlined as constants, as litert-torch's default converter does; with
+    inline_weights=False they stay function arguments (its V2 converter's lowering), which
+    XlaCallModule is then fed from the state dict: the way past its 2 GiB module limit.
+    """
     from litert_torch import backend
     from litert_torch._convert import core
 
     lowered, resolved = {}, {}
     for name, ep in programs.items():
-        module = backend.export.exported_program_to_mlir(core._run_convert_passes(ep))
+        module = backend.export.exported_program_to_mlir(core._run_convert_passes(ep), inline_constants=inline_weights)
         with module.ctx:
             for key, count in resolve_tensor_markers(module.module).items():
                 resolved[key] = resolved.get(key, 0) + count
@@ -141,13 +146,9 @@ def inlined_weight_bytes(model) -> int:
     return total
 
 
-def too_large_to_execute(model) -> str | None:
-    """Why the StableHLO of this model cannot go through XlaCallModule, or None if it can."""
-    size = 2 * inlined_weight_bytes(model)
-    if size < XLA_CALL_MODULE_LIMIT * 0.9:
-        return None
-    return (f"skipped: the lowered module inlines {inlined_weight_bytes(model) / 2**30:.2f} GiB of weights "
-            f"(~{size / 2**30:.1f} GiB as text), over the 2 GiB protobuf limit of XlaCallModule's module attribute")
+def fits_inline(model) -> bool:
+    """Whether the module with its weights inlined stays under XlaCallModule's 2 GiB limit."""
+    return 2 * inlined_weight_bytes(model) < XLA_CALL_MODULE_LIMIT * 0.9
 
 
 def custom_calls(lowered) -> list[str]:

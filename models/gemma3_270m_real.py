@@ -14,6 +14,7 @@ from harness import realtext
 from harness.errors import HarnessError
 from harness.pairs import ExportSettings, ModelPair
 from harness.workload import TextWorkload
+from models._defects import GELU_TANH_LOWERED_AS_ERF
 
 # Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer; regenerate with
 # realtext.write_prompts(tokenizer, 200, PROMPTS) if the corpus changes (tests/test_real_model.py checks).
@@ -62,4 +63,7 @@ PAIR = ModelPair(
     # the tiny gemma3 pair covers the same architecture's properties.
     skipped_checks=(("properties", "needs ~18 GiB on a 262k-vocabulary model; covered by the tiny gemma3 pair"),),
     suites=("full",),
+    # Measured: stablehlo vs exported max_abs_err 0.108 on logits up to |64| (greedy identical); passing
+    # approximate= to the GELU composite brings it to float noise, as on the tiny Gemma pairs.
+    expected_failure=GELU_TANH_LOWERED_AS_ERF,
 )

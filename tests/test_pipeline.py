@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,14 +115,28 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
             runner.decode(1, runner.kv_cache_max, kv)
 
 
-def test_a_module_too_large_for_xla_call_module_is_skipped_with_the_reason():
-    from harness.lowering import too_large_to_execute
+def test_modules_too_large_to_inline_are_sized_by_their_distinct_weights():
+    from harness.lowering import fits_inline
 
-    small = torch.nn.Linear(4, 4)
-    assert too_large_to_execute(small) is None
+    assert fits_inline(torch.nn.Linear(4, 4))
     big = torch.nn.Module()
     big.weight = torch.nn.Parameter(torch.empty(300_000_000), requires_grad=False)  # 1.2 GB, ~2.4 GB as text
-    assert "over the 2 GiB protobuf limit" in too_large_to_execute(big)
-    big.tied = big.weight  # a tied weight is inlined once
-    big.extra = torch.nn.Parameter(torch.empty(100_000_000), requires_grad=False)
-    assert too_large_to_execute(big).startswith("skipped: the lowered module inlines 1.49 GiB")
+    assert not fits_inline(big)
+    half = torch.nn.Module()
+    half.weight = torch.nn.Parameter(torch.empty(150_000_000), requires_grad=False)
+    assert fits_inline(half)
+    half.tied = half.weight  # a tied weight is inlined once
+    assert fits_inline(half)
+
+
+def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, tiny_llama_report):
+    """The lowering a large real model gets (weights fed to XlaCallModule) agrees with the inlined one."""
+    from harness.lowering import StableHLORunner, lower_programs
+    from harness.runners import run_trajectory
+
+    outputs, export = tiny_llama_report.outputs, tiny_llama.export
+    lowered, _ = lower_programs(outputs["programs"], inline_weights=False)
+    assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
+    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+    for trajectory, inlined in zip(outputs["trajectories"], outputs[stages.STABLEHLO]):
+        np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
