@@ -63,3 +63,11 @@ def bench(session: nox.Session) -> None:
     """
     install(session)
     session.run("harness", "bench", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench_full(session: nox.Session) -> None:
+    """XNNPack performance of the real Gemma 3 270M's flatbuffers (converted on first use): reports/full/perf.*."""
+    install(session, "[real]")
+    args = session.posargs or ["--models", "gemma3_270m_real"]
+    session.run("harness", "bench", "--suite", "full", "--out", "reports/full", *args)
