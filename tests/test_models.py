@@ -124,7 +124,7 @@ def test_conversion_key_follows_what_the_builder_reads(tmp_path):
         "same": source,
         "prose": source.replace('"""TinyLlama architecture', '"""Reworded. TinyLlama architecture')
                        .replace("features=(", 'features=("extra",') + "\n\ndef unrelated():\n    return 1\n",
-        "wider": source.replace("intermediate_size=256", "intermediate_size=512"),
+        "rope": source.replace("rope_theta=10000.0", "rope_theta=20000.0"),
     }
     keys = {}
     for edit, text in edits.items():
@@ -132,6 +132,6 @@ def test_conversion_key_follows_what_the_builder_reads(tmp_path):
         (tmp_path / edit / "copy.py").write_text(text)
         pair = discover((tmp_path / edit,))["copy"]
         keys[edit] = artifact_key(pair, tmp_path, "none")
-    assert edits["wider"] != source and edits["prose"] != source
+    assert edits["rope"] != source and edits["prose"] != source
     assert keys["prose"] == keys["same"]
-    assert keys["wider"] != keys["same"]
+    assert keys["rope"] != keys["same"]
