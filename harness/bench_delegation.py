@@ -14,6 +14,8 @@ import collections
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from harness.errors import HarnessError
 
 LOOKUP_OPS = ("EMBEDDING_LOOKUP", "GATHER")
@@ -84,6 +86,11 @@ def delegation(path: Path, threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in signatures:
             model = flatbuffer_utils.read_model(str(path))
+            for buffer in model.buffers:
+                # Buffers stored by offset come back as bytes, which Pack writes one byte per Python call
+                # (minutes for a 1 GB model); as arrays they are written in one copy.
+                if buffer.data is not None and not isinstance(buffer.data, np.ndarray):
+                    buffer.data = np.frombuffer(buffer.data, np.uint8)
             index = next((s.subgraphIndex for s in model.signatureDefs
                           if s.signatureKey.decode() == name), None)
             if index is None:
