@@ -160,8 +160,17 @@ def cmd_verify_one(args) -> int:
     options = _with_golden(_options(args), args)
     pair = pairs_lib.discover(tuple(Path(d) for d in args.models_dir))[args.model]
 
+    done: list = []
+    timings: dict[str, float] = {}
+
     def progress(model, stage, seconds, produced):
         print("[progress] " + format_progress(model, stage, seconds, produced), flush=True)
+        # Each finished stage is on disk at once: if the process dies later, the parent keeps them.
+        done.extend(produced)
+        timings[stage] = seconds
+        report.write_atomic(Path(args.result), json.dumps(
+            {"model": pair.name, "results": [r.to_json() for r in done], "timings": timings, "notes": {},
+             "partial": True}, default=str))
 
     rep = verify_pair(pair, options, progress)
     Path(args.result).write_text(json.dumps(report_to_json(rep), default=str))

@@ -68,13 +68,23 @@ def run_isolated(request: SuiteRequest, pair: ModelPair, echo: Callable[[str], N
             else:
                 tail = (tail + [line.rstrip("\n")])[-15:]
         code = proc.wait()
-        if code == 0 and result_path.exists():
-            data = json.loads(result_path.read_text())
-            return PairReport(data["model"], [CheckResult(**r) for r in data["results"]],
-                              data["timings"], data["notes"])
-    message = f"the process verifying {pair.name} died with exit code {code}; last output: " + " | ".join(
-        t for t in tail if t.strip())[-1500:]
-    return PairReport(pair.name, [CheckResult(pair.name, stages.HF, stages.STAGE, ERROR, message=message)], {}, {})
+        data = json.loads(result_path.read_text()) if result_path.exists() else {"results": [], "timings": {}}
+        done = [CheckResult(**r) for r in data["results"]]
+        if code == 0 and not data.get("partial"):
+            return PairReport(data["model"], done, data["timings"], data["notes"])
+    stage = crashed_stage(pair, request, {r.stage for r in done})
+    message = f"the process verifying {pair.name} died with exit code {code} during {stage}; last output: " + \
+        " | ".join(t for t in tail if t.strip())[-1500:]
+    return PairReport(pair.name, done + [CheckResult(pair.name, stage, stages.STAGE, ERROR, message=message)],
+                      data["timings"], {})
+
+
+def crashed_stage(pair: ModelPair, request: SuiteRequest, finished: set[str]) -> str:
+    """The first stage a dead child had not reported; past the last one, its checks were running."""
+    recipes = pair.default_quant if request.quant is None else request.quant
+    planned = [s for s in (*stages.FLOAT_STAGES, *(stages.tflite_stage(r) for r in recipes))
+               if request.stages is None or s in request.stages or s in (stages.HF, stages.REAUTHORED)]
+    return next((s for s in planned if s not in finished), planned[-1])
 
 
 def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions, echo: Callable[[str], None],
