@@ -17,7 +17,7 @@ from harness import report, stages
 from harness.cache import DEFAULT_ROOT, ArtifactCache
 from harness.errors import HarnessError
 from harness.gates import DEFAULT_GATES_PATH, load_gates
-from harness.pipeline import RunOptions, verify_pair
+from harness.pipeline import PairReport, RunOptions, verify_pair
 from harness.suite import SuiteRequest, format_progress, report_to_json, run_suite
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
@@ -168,9 +168,8 @@ def cmd_verify_one(args) -> int:
         # Each finished stage is on disk at once: if the process dies later, the parent keeps them.
         done.extend(produced)
         timings[stage] = seconds
-        report.write_atomic(Path(args.result), json.dumps(
-            {"model": pair.name, "results": [r.to_json() for r in done], "timings": timings, "notes": {},
-             "partial": True}, default=str))
+        partial = report_to_json(PairReport(pair.name, done, timings, {}))
+        report.write_atomic(Path(args.result), json.dumps({**partial, "partial": True}, default=str))
 
     rep = verify_pair(pair, options, progress)
     Path(args.result).write_text(json.dumps(report_to_json(rep), default=str))

@@ -100,6 +100,18 @@ class _Stages:
         return [run_trajectory(runner, t) for t in self.outputs["trajectories"]]
 
 
+def planned_stages(pair: ModelPair, options: RunOptions) -> list[str]:
+    """The stages a run of `pair` goes through, in order (hf and reauthored always; what a wanted stage needs)."""
+    recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
+               if options.wants(stages.tflite_stage(r))]
+    wanted = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
+    if stages.STABLEHLO in wanted:
+        wanted.add(stages.EXPORTED)
+    if recipes:
+        wanted.add(stages.TFLITE_FLOAT)
+    return [st for st in stages.FLOAT_STAGES if st in wanted] + [stages.tflite_stage(r) for r in recipes]
+
+
 def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None) -> PairReport:
     """Every stage of one pair, compared with the stage it was derived from, held to the gates."""
     s = _Stages(pair, options, progress)
@@ -169,14 +181,9 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
 
     recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
                if options.wants(stages.tflite_stage(r))]
-    s.enabled = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
     skipped = dict(pair.skipped_checks)
     extras = tuple(e for e in tuple(options.extra_checks) + tuple(pair.extra_checks) if _extra_stage(e) not in skipped)
-    s.enabled |= {stages.tflite_stage(r) for r in recipes} | {_extra_stage(e) for e in extras}
-    if stages.STABLEHLO in s.enabled:
-        s.enabled.add(stages.EXPORTED)
-    if recipes:
-        s.enabled.add(stages.TFLITE_FLOAT)
+    s.enabled = set(planned_stages(pair, options)) | {_extra_stage(e) for e in extras}
     s.run(stages.HF, (), hf)
     s.run(stages.REAUTHORED, ("checkpoint", "trajectories"), reauthored)
     s.run(stages.EXPORTED, ("model", stages.REAUTHORED), exported)

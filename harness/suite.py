@@ -12,7 +12,7 @@ from typing import Callable
 
 from harness import report, stages
 from harness.pairs import ModelPair
-from harness.pipeline import PairReport, Progress, RunOptions, verify_pair
+from harness.pipeline import PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.records import ERROR, CheckResult, run_metadata
 
 
@@ -55,7 +55,8 @@ def report_to_json(rep: PairReport) -> dict:
             "timings": rep.timings, "notes": rep.notes}
 
 
-def run_isolated(request: SuiteRequest, pair: ModelPair, echo: Callable[[str], None]) -> PairReport:
+def run_isolated(request: SuiteRequest, pair: ModelPair, options: RunOptions,
+                 echo: Callable[[str], None]) -> PairReport:
     """One pair in a child process; its progress lines are echoed live, a crash becomes an error record."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
@@ -72,19 +73,14 @@ def run_isolated(request: SuiteRequest, pair: ModelPair, echo: Callable[[str], N
         done = [CheckResult(**r) for r in data["results"]]
         if code == 0 and not data.get("partial"):
             return PairReport(data["model"], done, data["timings"], data["notes"])
-    stage = crashed_stage(pair, request, {r.stage for r in done})
+    finished = {r.stage for r in done}
+    planned = planned_stages(pair, options)
+    # The first planned stage it had not reported; past the last one, its checks were running.
+    stage = next((st for st in planned if st not in finished), planned[-1])
     message = f"the process verifying {pair.name} died with exit code {code} during {stage}; last output: " + \
         " | ".join(t for t in tail if t.strip())[-1500:]
     return PairReport(pair.name, done + [CheckResult(pair.name, stage, stages.STAGE, ERROR, message=message)],
                       data["timings"], {})
-
-
-def crashed_stage(pair: ModelPair, request: SuiteRequest, finished: set[str]) -> str:
-    """The first stage a dead child had not reported; past the last one, its checks were running."""
-    recipes = pair.default_quant if request.quant is None else request.quant
-    planned = [s for s in (*stages.FLOAT_STAGES, *(stages.tflite_stage(r) for r in recipes))
-               if request.stages is None or s in request.stages or s in (stages.HF, stages.REAUTHORED)]
-    return next((s for s in planned if s not in finished), planned[-1])
 
 
 def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions, echo: Callable[[str], None],
@@ -101,7 +97,7 @@ def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions
 
     document = report.parity_document(run, results, models)
     for pair in pairs:
-        rep = run_isolated(request, pair, echo) if isolate else verify_pair(pair, options, progress)
+        rep = run_isolated(request, pair, options, echo) if isolate else verify_pair(pair, options, progress)
         results.extend(rep.results)
         expected = dataclasses.asdict(pair.expected_failure) if pair.expected_failure else None
         models[pair.name] = {"description": pair.description, "features": list(pair.features),
