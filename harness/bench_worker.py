@@ -8,7 +8,6 @@ flatter or burden the next one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -17,25 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from harness.bench_stats import summarize
+from harness.memory import current_rss_mb, peak_rss_mb
 
 TOKEN = 3  # any id inside every vocabulary
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    return math.nan
-
-
-def peak_rss_mb() -> float:
-    """This process's high-water RSS (VmHWM starts afresh at exec; getrusage's maxrss keeps the parent's)."""
-    return _status_mb("VmHWM")
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS")
 
 
 def _timed(call, repeats: int, warmup: int) -> list[float]:

@@ -15,6 +15,7 @@ from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gates, thresholds_for
 from harness.lowering import (StableHLORunner, converter_signatures, custom_calls, export_programs, fits_inline,
                               lower_programs)
+from harness.memory import peak_rss_mb, release_freed
 from harness.pairs import ModelPair
 from harness.records import ERROR, FAIL, PASS, SKIP, XFAIL, CheckResult
 from harness.runners import ExportedRunner, ReauthoredRunner, TFLiteRunner, run_trajectory
@@ -82,6 +83,8 @@ class _Stages:
                 produced = [CheckResult(self.pair.name, stage, stages.STAGE, ERROR,
                                         message=f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})")]
         self.timings[stage] = round(time.perf_counter() - start, 3)
+        release_freed()  # what the stage dropped, before the next one allocates
+        self.notes.setdefault("peak_rss_mib", {})[stage] = round(peak_rss_mb())
         self.results.extend(produced)
         if self.progress:
             self.progress(self.pair.name, stage, self.timings[stage], produced)
@@ -168,6 +171,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
             stage = stages.TFLITE_FLOAT if recipe == FLOAT else stages.tflite_stage(recipe)
             s.outputs.setdefault("artifacts", {})[stage] = path
             logits = s.run_all(stage, runner)
+            runner.release()  # reopened by a later check that runs it; a real model's holds GiBs
             s.outputs[stage] = logits
             s.notes[f"{stage}_bytes"] = path.stat().st_size
             if recipe == FLOAT:

@@ -161,25 +161,56 @@ def _references(names: list[str]) -> dict[str, str | None]:
     return refs
 
 
+def reading_passes(names: list[str]) -> list[list[str]]:
+    """The stages that read the corpus together, so at most one quantized interpreter is open at a time.
+
+    The first pass reads HF, float and the first recipe; each further recipe reads it again beside
+    its reference (float), recomputed: a reference's log-probabilities over the corpus weigh ~10 GB
+    at 262k vocab, too much to keep, and one XNNPack interpreter of the real model holds 2-10 GiB.
+    """
+    refs = _references(names)
+    first = [n for n in names if n in (stages.HF, stages.TFLITE_FLOAT)]
+    recipes = [n for n in names if n not in first]
+    passes = [first + recipes[:1]]
+    for recipe in recipes[1:]:
+        passes.append([refs[recipe], recipe] if refs[recipe] else [recipe])
+    return passes
+
+
 def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, gates,
                documents: dict[str, str] | None = None) -> list[CheckResult]:
-    """Perplexity over every window of the corpus for HF and each flatbuffer, KL and top-1 against the reference."""
+    """Perplexity over every window of the corpus for HF and each flatbuffer, KL and top-1 against the reference.
+
+    Each runner is released after the last pass that reads it.
+    """
     documents = documents or corpus()
     chunk = max(pair.export.prefill_lens)
     length = pair.export.kv_cache_max // chunk * chunk
     names = [stages.HF, *runners]
     refs = _references(names)
     tallies = {name: _Tally(refs[name]) for name in names}
-    for source, text in documents.items():
-        for window in windows(encode(tokenizer, text), length):
-            streams = [hf_chunks(hf_model, window, chunk)] + [runner_chunks(r, window, chunk) for r in runners.values()]
-            for start, pieces in zip(range(0, len(window), chunk), zip(*streams)):
-                targets = window[start + 1:start + chunk + 1]
-                for row in range(0, len(targets), ROWS):
-                    rows = targets[row:row + ROWS]
-                    logp = {name: log_probs(piece[row:row + len(rows)]) for name, piece in zip(names, pieces)}
-                    for name in names:
-                        tallies[name].add(source, logp[name], rows, logp[refs[name]] if refs[name] else None)
+    passes = reading_passes(names)
+
+    def chunks(name: str, window: np.ndarray) -> Iterator[np.ndarray]:
+        return hf_chunks(hf_model, window, chunk) if name == stages.HF else runner_chunks(runners[name], window, chunk)
+
+    tallied: set[str] = set()
+    for i, group in enumerate(passes):
+        fresh = [name for name in group if name not in tallied]
+        for source, text in documents.items():
+            for window in windows(encode(tokenizer, text), length):
+                streams = [chunks(name, window) for name in group]
+                for start, pieces in zip(range(0, len(window), chunk), zip(*streams)):
+                    targets = window[start + 1:start + chunk + 1]
+                    for row in range(0, len(targets), ROWS):
+                        rows = targets[row:row + ROWS]
+                        logp = {name: log_probs(piece[row:row + len(rows)]) for name, piece in zip(group, pieces)}
+                        for name in fresh:
+                            tallies[name].add(source, logp[name], rows, logp[refs[name]] if refs[name] else None)
+        tallied.update(fresh)
+        later = {name for g in passes[i + 1:] for name in g}
+        for name in set(group) - later - {stages.HF}:
+            runners[name].release()
     results = []
     hf_ppl = None
     for name in names:
@@ -214,6 +245,7 @@ def greedy_text(pair: ModelPair, runners: dict[str, Any], trajectories, tokenize
             texts.append({"hf": hf_text, name: our_text})
             if hf_text != our_text and not first:
                 first = f"prompt {i}: HF {hf_text!r} vs {our_text!r}"
+        runner.release()
         metrics = {"identical": sum(t["hf"] == t[name] for t in texts) / max(len(texts), 1), "texts": texts}
         results.append(verdict(pair.name, name, GREEDY_TEXT, metrics,
                                thresholds_for(gates, pair.name, name, GREEDY_TEXT), first))

@@ -113,6 +113,8 @@ def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
         if timings:
             lines += ["Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
         for key, value in info.get("notes", {}).items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             lines.append(f"- {key}: {value}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

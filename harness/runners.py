@@ -95,6 +95,9 @@ class _FixedShapeRunner:
         self.prefill_lens = tuple(prefill_lens)
         self.kv_cache_max = kv_cache_max
 
+    def release(self) -> None:
+        """Frees what the runner can reopen; only a flatbuffer's interpreter is worth it."""
+
     def prefill(self, tokens, kv):
         length = signature_for(len(tokens), self.prefill_lens)
         padded_tokens, positions = padded(tokens, length)
@@ -129,26 +132,41 @@ class ExportedRunner(_FixedShapeRunner):
 
 
 class TFLiteRunner(_FixedShapeRunner):
-    """A multi-signature flatbuffer in ai_edge_litert's interpreter (XNNPack by default on CPU)."""
+    """A multi-signature flatbuffer in ai_edge_litert's interpreter (XNNPack by default on CPU).
+
+    `release()` drops the interpreter and the next call opens it again: XNNPack packs weights
+    per signature, so on the real Gemma 3 270M a float interpreter holds ~5 GiB and a
+    weight_only_int8 one ~9.5 GiB (measured), too much to keep one open per recipe.
+    """
 
     def __init__(self, path, prefill_lens, kv_cache_max, num_threads: int = 2):
-        from ai_edge_litert import interpreter as litert
-
         super().__init__(prefill_lens, kv_cache_max)
-        self.interpreter = litert.Interpreter(model_path=str(path), num_threads=num_threads)
-        self.runners = {name: self.interpreter.get_signature_runner(name)
-                        for name in self.interpreter.get_signature_list()}
-        missing = {f"prefill_{n}" for n in self.prefill_lens} | {"decode"}
-        missing -= set(self.runners)
-        if missing:
-            raise HarnessError(f"flatbuffer {path} lacks signatures {sorted(missing)}; reconvert it with --no-cache")
+        self.path, self.num_threads = path, num_threads
+        self.runners = self._open()
         decode_inputs = self.runners["decode"].get_input_details()
         self.kv_specs = {k: (tuple(v["shape"]), v["dtype"]) for k, v in decode_inputs.items()
                          if k.startswith("kv_cache_")}
+
+    def _open(self) -> dict:
+        from ai_edge_litert import interpreter as litert
+
+        interpreter = litert.Interpreter(model_path=str(self.path), num_threads=self.num_threads)
+        runners = {name: interpreter.get_signature_runner(name) for name in interpreter.get_signature_list()}
+        missing = {f"prefill_{n}" for n in self.prefill_lens} | {"decode"}
+        missing -= set(runners)
+        if missing:
+            raise HarnessError(f"flatbuffer {self.path} lacks signatures {sorted(missing)}; reconvert it with --no-cache")
+        return runners
+
+    def release(self) -> None:
+        """Frees the interpreter and its packed weights; the runner reopens it when next called."""
+        self.runners = None
 
     def empty_kv(self):
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.kv_specs.items()}
 
     def call(self, name, tokens, positions, kv):
+        if self.runners is None:
+            self.runners = self._open()
         out = self.runners[name](tokens=tokens, input_pos=positions, **kv)
         return out["logits"][0], {k: out[k] for k in self.kv_specs}

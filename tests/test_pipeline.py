@@ -115,6 +115,20 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
             runner.decode(1, runner.kv_cache_max, kv)
 
 
+def test_a_released_flatbuffer_reopens_and_gives_the_same_logits(tiny_llama_report):
+    runner = tiny_llama_report.outputs["runners"][stages.TFLITE_FLOAT]
+    runner.release()  # the pipeline releases every flatbuffer after its stage
+    assert runner.runners is None
+    trajectory = tiny_llama_report.outputs["trajectories"][0]
+    tokens = trajectory.tokens[:trajectory.prompt_len]
+    first, _ = runner.prefill(tokens, runner.empty_kv())
+    assert runner.runners is not None
+    runner.release()
+    again, _ = runner.prefill(tokens, runner.empty_kv())
+    assert np.array_equal(first, again)
+    assert np.array_equal(first, tiny_llama_report.outputs[stages.TFLITE_FLOAT][0][:len(tokens)])
+
+
 def test_modules_too_large_to_inline_are_sized_by_their_distinct_weights():
     from harness.lowering import fits_inline
 

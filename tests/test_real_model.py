@@ -98,15 +98,23 @@ class ByteTokenizer:
 class HFRunner:
     """A flatbuffer stand-in: the HF model itself behind the prefill/decode interface, plus optional noise."""
 
-    def __init__(self, model, prefill_lens, kv_cache_max, noise: float = 0.0):
+    def __init__(self, model, prefill_lens, kv_cache_max, noise: float = 0.0, peers: list | None = None):
         self.model, self.prefill_lens, self.kv_cache_max = model, prefill_lens, kv_cache_max
         self.rng = np.random.default_rng(0)
         self.noise = noise
+        self.is_open, self.most_open = False, 0  # a flatbuffer's interpreter: opened by a call, freed by release
+        self.peers = peers if peers is not None else []
+        self.peers.append(self)
+
+    def release(self):
+        self.is_open = False
 
     def empty_kv(self):
         return np.zeros(0, np.int64)  # the "cache" is the tokens seen so far
 
     def call(self, name, tokens, positions, kv):
+        self.is_open = True
+        self.most_open = max(self.most_open, sum(p.is_open for p in self.peers))
         seen = np.concatenate([kv[: int(positions[0])], tokens[0]])
         with torch.no_grad():
             logits = self.model(torch.as_tensor(seen)[None]).logits[0, int(positions[0]):].numpy()
@@ -169,6 +177,26 @@ def test_perplexity_fails_a_noisy_stage(tiny_llama, tiny_hf):
     noisy = results[-1]
     assert noisy.stage == INT8 and noisy.status == FAIL and noisy.metrics["kl_vs"] == stages.TFLITE_FLOAT
     assert "mean_kl" in noisy.message and "top1" in noisy.message
+
+
+def test_each_recipe_reads_the_corpus_beside_float_one_interpreter_at_a_time(tiny_llama, tiny_hf):
+    recipes = [stages.tflite_stage(r) for r in ("dynamic_int8", "fp16", "weight_only_int8")]
+    quantized: list = []
+    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64),
+               **{name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i, peers=quantized) for i, name in enumerate(recipes)}}
+    assert realtext.reading_passes([stages.HF, *runners]) == [
+        [stages.HF, stages.TFLITE_FLOAT, recipes[0]], [stages.TFLITE_FLOAT, recipes[1]], [stages.TFLITE_FLOAT, recipes[2]]]
+    together = {r.stage: r.metrics for r in realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(), {},
+                                                                DOCUMENTS)}
+    assert max(r.most_open for r in quantized) == 1 and not any(r.is_open for r in runners.values())
+    for i, name in enumerate(recipes):  # each recipe's figures are those of a run with it alone beside float
+        alone = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64), name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i)}
+        (_, flt, single) = realtext.perplexity(tiny_llama, tiny_hf, alone, ByteTokenizer(), {}, DOCUMENTS)
+        assert together[name]["tokens"] == single.metrics["tokens"] == flt.metrics["tokens"]
+        for key in ("ppl", "mean_kl", "p99_kl", "top1"):
+            assert together[name][key] == pytest.approx(single.metrics[key], rel=1e-12), (name, key)
+        assert together[stages.TFLITE_FLOAT]["ppl"] == pytest.approx(flt.metrics["ppl"], rel=1e-12)
+    assert together[recipes[2]]["mean_kl"] > together[recipes[0]]["mean_kl"]  # more noise, more KL: each its own
 
 
 def test_greedy_text_names_the_first_difference(tiny_llama, tiny_hf):

@@ -1,0 +1,44 @@
+"""This process's memory: what it holds, what it peaked at, and handing freed memory back.
+
+A real model's stages each hold GiBs (XNNPack's packed weights, XlaCallModule's compiled
+programs); the pipeline frees each stage's state when it is done, and this makes the free real.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+
+
+def _status_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:  # no procfs (not Linux)
+        pass
+    return math.nan
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water RSS (VmHWM starts afresh at exec; getrusage's maxrss keeps the parent's)."""
+    return _status_mb("VmHWM")
+
+
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def release_freed() -> None:
+    """Collects cycles and returns freed heap pages to the OS.
+
+    glibc keeps freed blocks in its arenas: measured on the real Gemma 3 270M, a StableHLO stage
+    freed in Python still held 3.5 GiB until malloc_trim, enough to OOM the later conversions.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
