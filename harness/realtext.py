@@ -22,6 +22,7 @@ from harness.checkpoint import load_hf
 from harness.checks import verdict
 from harness.errors import HarnessError
 from harness.gates import thresholds_for
+from harness.memory import release_freed
 from harness.pairs import ModelPair
 from harness.records import CheckResult
 from harness.runners import padded, signature_for
@@ -181,7 +182,8 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
                documents: dict[str, str] | None = None) -> list[CheckResult]:
     """Perplexity over every window of the corpus for HF and each flatbuffer, KL and top-1 against the reference.
 
-    Each runner is released after the last pass that reads it.
+    Each runner is released after the last pass that reads it, and HF's model after the first:
+    callers pass the model without keeping a reference of their own.
     """
     documents = documents or corpus()
     chunk = max(pair.export.prefill_lens)
@@ -194,9 +196,8 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
     def chunks(name: str, window: np.ndarray) -> Iterator[np.ndarray]:
         return hf_chunks(hf_model, window, chunk) if name == stages.HF else runner_chunks(runners[name], window, chunk)
 
-    tallied: set[str] = set()
-    for i, group in enumerate(passes):
-        fresh = [name for name in group if name not in tallied]
+    def read(group: list[str], fresh: list[str]) -> None:
+        """One pass over the corpus; its streams (and what they hold) end with it."""
         for source, text in documents.items():
             for window in windows(encode(tokenizer, text), length):
                 streams = [chunks(name, window) for name in group]
@@ -207,10 +208,18 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
                         logp = {name: log_probs(piece[row:row + len(rows)]) for name, piece in zip(group, pieces)}
                         for name in fresh:
                             tallies[name].add(source, logp[name], rows, logp[refs[name]] if refs[name] else None)
-        tallied.update(fresh)
+
+    tallied: set[str] = set()
+    for i, group in enumerate(passes):
+        read(group, [name for name in group if name not in tallied])
+        tallied.update(group)
         later = {name for g in passes[i + 1:] for name in g}
-        for name in set(group) - later - {stages.HF}:
-            runners[name].release()
+        for name in set(group) - later:
+            if name == stages.HF:
+                hf_model = None  # the caller hands it over: ~1 GiB on the real model, read in the first pass only
+            else:
+                runners[name].release()
+        release_freed()
     results = []
     hf_ppl = None
     for name in names:
@@ -256,9 +265,7 @@ def text_eval(pair: ModelPair, outputs: dict[str, Any], options) -> list[CheckRe
     """Perplexity and greedy text on real text for HF and every flatbuffer that was built."""
     tokenizer = load_tokenizer(outputs["checkpoint"])
     runners = {stage: r for stage, r in outputs["runners"].items() if stage.startswith(stages.TFLITE_PREFIX)}
-    hf_model = load_hf(pair, outputs["checkpoint"])
-    results = perplexity(pair, hf_model, runners, tokenizer, options.gates)
-    del hf_model
+    results = perplexity(pair, load_hf(pair, outputs["checkpoint"]), runners, tokenizer, options.gates)
     return results + greedy_text(pair, runners, outputs["trajectories"], tokenizer, options.gates)
 
 

@@ -51,3 +51,19 @@ def test_judge_semantics():
     assert judge({"b": 4}, {"min_b": 5}) == ["b=4 < 5"]
     assert judge({"a": math.nan}, {"max_a": 1.0})
     assert "was not measured" in judge({}, {"max_a": 1.0})[0]
+
+
+def test_the_real_model_judges_every_recipe_on_real_text_by_its_own_budget():
+    from harness import stages
+    from harness.pairs import discover
+    from harness.realtext import PERPLEXITY
+
+    gates, pair = load_gates(), discover()["gemma3_270m_real"]
+    budgets = {recipe: thresholds_for(gates, pair.name, stages.tflite_stage(recipe), PERPLEXITY)
+               for recipe in pair.quant_recipes}
+    assert set(pair.quant_recipes) == set(stages.QUANT_RECIPES)
+    assert all(b.keys() == {"max_ppl_ratio_vs_hf", "max_mean_kl", "max_p99_kl", "min_top1"} for b in budgets.values())
+    # A coarser recipe may cost more, never less: the budgets are ordered as the recipes are.
+    order = ["fp16", "weight_only_int8", "dynamic_int8", "dynamic_int4_block32", "dynamic_int4_block128"]
+    ratios = [budgets[r]["max_ppl_ratio_vs_hf"] for r in order]
+    assert ratios == sorted(ratios)
