@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,9 @@ def reference_checkpoint(pair: ModelPair, cache: ArtifactCache) -> Path:
 
         model_class, config_class = _hf_classes(pair)
         try:
-            config = config_class(**pair.hf_config)
+            # A copy: transformers fills in nested dicts (Phi3's rope_parameters gains partial_rotary_factor),
+            # which would change the pair's golden and cache keys after a cold build.
+            config = config_class(**copy.deepcopy(pair.hf_config))
         except (TypeError, ValueError, StrictDataclassError) as e:
             raise HarnessError(f"pair {pair.name!r}: hf_config does not fit {config_class.__name__}: {e}") from e
         torch.manual_seed(pair.seed)

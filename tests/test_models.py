@@ -66,6 +66,18 @@ def checkpoint_copy(tiny_llama, cache, tmp_path):
     return weights, load_file(weights)
 
 
+def test_building_a_checkpoint_leaves_the_pair_as_declared(pairs, tmp_path):
+    import copy
+
+    from harness.cache import ArtifactCache
+    from harness.golden import reference_key
+
+    pair = pairs["phi3"]  # longrope: transformers adds keys to a rope_parameters dict it is handed
+    declared, key = copy.deepcopy(pair.hf_config), reference_key(pair)
+    reference_checkpoint(pair, ArtifactCache(tmp_path / "cold"))
+    assert pair.hf_config == declared and reference_key(pair) == key
+
+
 def test_checkpoint_missing_tensor_is_named(tiny_llama, checkpoint_copy):
     weights, tensors = checkpoint_copy
     del tensors["model.layers.1.mlp.up_proj.weight"]
