@@ -104,6 +104,19 @@ def test_an_expected_failure_excuses_only_its_own_stages(options):
     assert XFAIL not in {r.status for r in results["reauthored"].values()}
 
 
+def test_progress_shows_a_declared_defect_as_xfail(options):
+    from harness.pairs import ExpectedFailure
+    from harness.records import XFAIL
+
+    options = dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))
+    defect = ExpectedFailure(reason="a known rope defect", stages=(stages.REAUTHORED,))
+    pair = dataclasses.replace(variants.variant(variants.wrong_rope_base), expected_failure=defect)
+    shown = {}
+    report = verify_pair(pair, options, lambda model, stage, seconds, produced: shown.update(
+        {(stage, r.check): r.status for r in produced}))
+    assert shown[(stages.REAUTHORED, "logits")] == XFAIL == by_stage(report)["reauthored"]["logits"].status
+
+
 def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
     from harness.errors import HarnessError
 
