@@ -104,10 +104,15 @@ class _Stages:
         return [run_trajectory(runner, t) for t in self.outputs["trajectories"]]
 
 
+def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
+    """The quant recipes a run of `pair` converts: the asked ones (or the pair's defaults) whose stage is wanted."""
+    return [r for r in (pair.default_quant if options.quant is None else options.quant)
+            if options.wants(stages.tflite_stage(r))]
+
+
 def planned_stages(pair: ModelPair, options: RunOptions) -> list[str]:
     """The stages a run of `pair` goes through, in order (hf and reauthored always; what a wanted stage needs)."""
-    recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
-               if options.wants(stages.tflite_stage(r))]
+    recipes = planned_recipes(pair, options)
     wanted = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
     if stages.STABLEHLO in wanted:
         wanted.add(stages.EXPORTED)
@@ -184,8 +189,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
             return [result]
         return body
 
-    recipes = [r for r in (pair.default_quant if options.quant is None else options.quant)
-               if options.wants(stages.tflite_stage(r))]
+    recipes = planned_recipes(pair, options)
     skipped = dict(pair.skipped_checks)
     extras = tuple(e for e in tuple(options.extra_checks) + tuple(pair.extra_checks) if _extra_stage(e) not in skipped)
     s.enabled = set(planned_stages(pair, options)) | {_extra_stage(e) for e in extras}
