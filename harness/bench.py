@@ -19,14 +19,15 @@ from typing import Callable
 
 from harness import bench_stats, stages
 from harness.bench_delegation import decode_weight_bytes
-from harness.cache import ArtifactCache, cache_key
-from harness.convert import FLOAT, MODEL_FILE, artifact_key, convert
+from harness.cache import ArtifactCache
+from harness.convert import FLOAT, cached_artifact, convert
 from harness.errors import HarnessError
-from harness.gates import Gates, thresholds_for
+from harness.gates import Gates
 from harness.pairs import ModelPair
+from harness.paths import display_path
 from harness.records import FAIL, PASS, host_info, library_versions, run_metadata
 
-BENCH = "bench"  # the gates table: [defaults.bench.<metric>] max_slowdown
+BENCH = stages.BENCH  # the gates table: [defaults.bench.<metric>] max_slowdown
 GATED_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s")
 BASELINE_MANIFEST = "baseline.json"
 SCHEMA_VERSION = 1
@@ -71,11 +72,6 @@ class BenchSettings:
                 "prefill_repeats": self.prefill_repeats, **fields}
 
 
-def _cached(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache) -> Path | None:
-    path = cache.root / "tflite" / cache_key(artifact_key(pair, checkpoint, recipe)) / MODEL_FILE
-    return path if cache.enabled and path.exists() else None
-
-
 def resolve_artifacts(pairs: list[ModelPair], recipes: tuple[str, ...] | None, cache: ArtifactCache,
                       echo: Echo = print) -> list[Artifact]:
     """The float flatbuffer and each recipe's of every pair: from the cache, converted on a miss."""
@@ -88,7 +84,7 @@ def resolve_artifacts(pairs: list[ModelPair], recipes: tuple[str, ...] | None, c
                             if r in pair.quant_recipes]
         model = None
         for recipe in wanted:
-            path = _cached(pair, checkpoint, recipe, cache)
+            path = cached_artifact(pair, checkpoint, recipe, cache)
             if path is None:
                 echo(f"[{pair.name}] converting {recipe} (not in the cache)")
                 if model is None:
@@ -142,7 +138,7 @@ def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = pri
     for artifact in artifacts:
         echo(f"[{artifact.label}] XNNPack delegation")
         entry = {"model": artifact.model, "stage": artifact.stage, "recipe": artifact.recipe,
-                 "path": str(artifact.path), "size_bytes": artifact.path.stat().st_size,
+                 "path": display_path(artifact.path), "size_bytes": artifact.path.stat().st_size,
                  "sha256": _sha256(artifact.path),
                  "decode_weight_bytes": decode_weight_bytes(artifact.path)}
         try:
@@ -194,7 +190,7 @@ def save_baseline(artifacts: list[Artifact], directory: Path) -> Path:
     for a in artifacts:
         shutil.copyfile(a.path, directory / _baseline_name(a))
         entries.append({"model": a.model, "recipe": a.recipe, "file": _baseline_name(a),
-                        "prefill_lens": list(a.prefill_lens), "sha256": _sha256(a.path), "source": str(a.path)})
+                        "prefill_lens": list(a.prefill_lens), "sha256": _sha256(a.path), "source": display_path(a.path)})
     manifest = {"versions": library_versions(), "host": host_info(), "artifacts": entries}
     from harness.report import write_atomic
 
@@ -243,13 +239,14 @@ def compare(candidate: Artifact, baseline: Artifact, threads: int, settings: Ben
     samples = interleaved_samples(candidate, baseline, threads, settings, echo)
     decisions = []
     for metric in GATED_METRICS:
-        limit = thresholds_for(gates, candidate.model, BENCH, metric).get("max_slowdown")
-        if limit is None:
-            continue
+        limit = gates.thresholds(candidate.model, BENCH, metric).get("max_slowdown")
+        if limit is None:  # a metric not judged is not a pass
+            raise HarnessError(f"gates file {gates.path} has no max_slowdown for bench.{metric} of "
+                               f"{candidate.model}; add [defaults.bench.{metric}] max_slowdown = ...")
         decision = bench_stats.decide(metric, samples[metric]["candidate"], samples[metric]["baseline"], limit)
         decisions.append({"model": candidate.model, "stage": candidate.stage, "recipe": candidate.recipe,
                           "threads": threads,
-                          "candidate": str(candidate.path), "baseline": str(baseline.path),
+                          "candidate": display_path(candidate.path), "baseline": display_path(baseline.path),
                           **decision.to_json(), "samples": samples[metric]})
     return decisions
 
@@ -298,7 +295,7 @@ def perf_document(run: dict, measured: dict | None, comparisons: list[dict], che
 
 
 def bench_run_metadata(settings: BenchSettings, gates: Gates, baseline: str | None) -> dict:
-    return run_metadata(threads=list(settings.threads), gates=gates.get("_path"), baseline=baseline,
+    return run_metadata(threads=list(settings.threads), gates=gates.path, baseline=baseline,
                         decode_steps=settings.decode_steps, prefill_repeats=settings.prefill_repeats,
                         rounds=settings.rounds, confidence=bench_stats.CONFIDENCE, load_average=list(os.getloadavg()))
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.report import write_atomic
+from harness.report import write_report
 
 PERF_JSON, PERF_MD, PERF_PNG = "perf.json", "perf.md", "perf.png"
 GATE_METHOD = ("Each round runs the candidate and the baseline back to back, each in a fresh process, in alternating "
@@ -20,13 +20,13 @@ GATE_METHOD = ("Each round runs the candidate and the baseline back to back, eac
 def write_perf(out_dir: Path, document: dict[str, Any]) -> list[Path]:
     """perf.json, then perf.md and perf.png rendered from what was written."""
     out_dir = Path(out_dir)
-    write_atomic(out_dir / PERF_JSON, json.dumps(document, indent=1, default=str) + "\n")
+    write_report(out_dir / PERF_JSON, json.dumps(document, indent=1, default=str) + "\n")
     document = json.loads((out_dir / PERF_JSON).read_text())
     paths = [out_dir / PERF_JSON]
     if document.get("measurements"):
         plot_perf(document, out_dir / PERF_PNG)
         paths.append(out_dir / PERF_PNG)
-    write_atomic(out_dir / PERF_MD, render_perf(document, PERF_PNG if len(paths) > 1 else None))
+    write_report(out_dir / PERF_MD, render_perf(document, PERF_PNG if len(paths) > 1 else None))
     paths.append(out_dir / PERF_MD)
     return paths
 

@@ -1,4 +1,11 @@
-"""A content-addressed artifact cache: the key is a hash of everything that shapes the artifact."""
+"""A content-addressed artifact cache: the key is a hash of everything that shapes the artifact.
+
+Same inputs, same artifact; different inputs, different artifact: a key holds the code that builds an
+artifact (the harness's own, by source, and the converter libraries', by digest of their installed
+files), its inputs and settings. Every entry carries a manifest of its files' digests, checked on each
+hit, so a damaged entry is rebuilt rather than served. A private cache (`--no-cache`) builds in a
+directory of its own and never publishes to the shared one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_ROOT = Path(os.environ.get("EDGE_PARITY_CACHE", Path.home() / ".cache" / "edge-parity"))
+MANIFEST = "manifest.json"  # {file name: sha256} of an entry, written when it is built
+KEY_FILE = "key.json"
+CODE_DIGESTS = "code-digests.json"  # the memo of provenance.code_digests
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -35,31 +45,92 @@ def dir_digest(path: Path, pattern: str = "*.safetensors") -> str:
     return h.hexdigest()
 
 
-class ArtifactCache:
-    """Artifacts live in <root>/<kind>/<key>/, each with the key parts beside it in key.json."""
+def _manifest(directory: Path) -> dict[str, str]:
+    return {f.name: file_digest(f) for f in sorted(directory.iterdir())
+            if f.is_file() and f.name not in (MANIFEST, KEY_FILE)}
 
-    def __init__(self, root: Path | None = None, enabled: bool = True):
+
+class ArtifactCache:
+    """Artifacts live in <root>/<kind>/<key>/ with their key parts (key.json) and file digests (manifest.json).
+
+    `shared=False` (what --no-cache gives) builds every artifact afresh in a private directory that is
+    removed by `close()`: nothing it builds can replace or poison an entry of the shared cache.
+    """
+
+    def __init__(self, root: Path | None = None, shared: bool = True):
         self.root = Path(root) if root else DEFAULT_ROOT
-        self.enabled = enabled
+        self.shared = shared
+        self._private = None if shared else Path(tempfile.mkdtemp(prefix="edge-parity-private-"))
         self.hits: list[str] = []
         self.misses: list[str] = []
+        self.rebuilt: list[str] = []  # entries whose files no longer matched their manifest
+        self.served: dict[str, dict[str, str]] = {}  # kind/key -> {file: sha256} of every artifact handed out
+
+    @property
+    def store(self) -> Path:
+        """Where entries are read and written: the shared root, or this run's private directory."""
+        return self.root if self._private is None else self._private
+
+    def code_digests(self) -> dict[str, dict[str, str]]:
+        """The converter libraries' code and versions, for keys (memoised beside the shared cache)."""
+        from harness.provenance import library_code
+
+        memo = self.root / CODE_DIGESTS if self.shared else None
+        return library_code(memo)
+
+    def lookup(self, kind: str, parts: dict[str, Any]) -> Path | None:
+        """The entry's directory if it exists and its files match their manifest; None otherwise."""
+        key = cache_key(parts)
+        name, entry = f"{kind}/{key}", self.store / kind / key
+        if not (entry / KEY_FILE).exists():
+            return None
+        manifest = self._read_manifest(entry)
+        if manifest is None or _manifest(entry) != manifest:
+            if name not in self.rebuilt:
+                self.rebuilt.append(name)
+            return None
+        self.served[name] = manifest
+        return entry
 
     def get_or_build(self, kind: str, parts: dict[str, Any], build: Callable[[Path], None]) -> Path:
-        """Returns the artifact directory, building it (atomically) on a miss or when disabled."""
+        """Returns the artifact directory, building it (atomically) on a miss, a damaged entry, or privately."""
         key = cache_key(parts)
-        final = self.root / kind / key
-        if self.enabled and (final / "key.json").exists():
-            self.hits.append(f"{kind}/{key}")
+        name = f"{kind}/{key}"
+        final = self.store / kind / key
+        if self.lookup(kind, parts) is not None:
+            self.hits.append(name)
             return final
-        self.misses.append(f"{kind}/{key}")
+        self.misses.append(name)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
             build(staging)
-            (staging / "key.json").write_text(json.dumps(parts, sort_keys=True, indent=1, default=str))
+            manifest = _manifest(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=1))
+            (staging / KEY_FILE).write_text(json.dumps(parts, sort_keys=True, indent=1, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.served[name] = manifest
         return final
+
+    @staticmethod
+    def _read_manifest(entry: Path) -> dict[str, str] | None:
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def close(self) -> None:
+        """Removes a private cache's directory; the shared cache stays."""
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -43,37 +44,42 @@ def sensitize(model: torch.nn.Module, std: float, seed: int) -> None:
                 param.copy_(std * noise)
 
 
-def reference_checkpoint(pair: ModelPair, cache: ArtifactCache) -> Path:
-    """The saved HF checkpoint (safetensors + config.json) of a pair, built once and cached."""
-    parts = {
+def build_random_checkpoint(pair: ModelPair, out: Path) -> None:
+    """The HF model of `pair` with seeded sensitive random weights, saved as safetensors + config.json."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
+
+    model_class, config_class = _hf_classes(pair)
+    try:
+        # A copy: transformers fills in nested dicts (Phi3's rope_parameters gains partial_rotary_factor),
+        # which would change the pair's golden and cache keys after a cold build.
+        config = config_class(**copy.deepcopy(pair.hf_config))
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise HarnessError(f"pair {pair.name!r}: hf_config does not fit {config_class.__name__}: {e}") from e
+    torch.manual_seed(pair.seed)
+    model = model_class(config).eval()
+    sensitize(model, pair.init_std, pair.seed)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def checkpoint_key(pair: ModelPair) -> dict[str, Any]:
+    """What shapes a reference checkpoint: the pair's config, seed and init, and the code that builds it."""
+    builder = pair.checkpoint_builder or build_random_checkpoint
+    return {
         "pair": pair.name,
         "hf_class": pair.hf_class,
         "hf_config": pair.hf_config,
         "seed": pair.seed,
         "init_std": pair.init_std,
-        "builder": describe(pair.checkpoint_builder),
-        "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
+        "builder": describe(builder),
+        "versions": library_versions(("torch", "transformers", "safetensors")),
     }
 
-    def build(out: Path) -> None:
-        if pair.checkpoint_builder is not None:
-            pair.checkpoint_builder(out)
-            return
-        from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
 
-        model_class, config_class = _hf_classes(pair)
-        try:
-            # A copy: transformers fills in nested dicts (Phi3's rope_parameters gains partial_rotary_factor),
-            # which would change the pair's golden and cache keys after a cold build.
-            config = config_class(**copy.deepcopy(pair.hf_config))
-        except (TypeError, ValueError, StrictDataclassError) as e:
-            raise HarnessError(f"pair {pair.name!r}: hf_config does not fit {config_class.__name__}: {e}") from e
-        torch.manual_seed(pair.seed)
-        model = model_class(config).eval()
-        sensitize(model, pair.init_std, pair.seed)
-        model.save_pretrained(out, safe_serialization=True)
-
-    return cache.get_or_build("checkpoint", parts, build)
+def reference_checkpoint(pair: ModelPair, cache: ArtifactCache) -> Path:
+    """The saved HF checkpoint (safetensors + config.json) of a pair, built once and cached."""
+    if pair.checkpoint_builder is not None:
+        return cache.get_or_build("checkpoint", checkpoint_key(pair), pair.checkpoint_builder)
+    return cache.get_or_build("checkpoint", checkpoint_key(pair), lambda out: build_random_checkpoint(pair, out))
 
 
 def load_hf(pair: ModelPair, checkpoint: Path) -> torch.nn.Module:
@@ -119,7 +125,8 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
 
         torch.manual_seed(seed)
         try:
-            model = pair.reauthored(str(checkpoint), tracking_loader, kv_cache_max)
+            with _dropped_by_load_state_dict() as dropped:
+                model = pair.reauthored(str(checkpoint), tracking_loader, kv_cache_max)
         except KeyError as e:
             raise CheckpointError(
                 f"checkpoint lacks {e.args[0]}; the re-authored model's tensor-name map expects it "
@@ -138,10 +145,10 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
                 f"pair {pair.name!r}: the re-authored builder returned no model or never read the checkpoint "
                 "through the custom loader it was given"
             )
-        return model.eval(), states[-1]
+        return model.eval(), states[-1], dropped
 
-    model, state = build(1)
-    twin, _ = build(2)
+    model, state, dropped = build(1)
+    twin, _, _ = build(2)
     unused = sorted(k for k in state.original if state.taken[k] == 0)
     reused = sorted(k for k in state.original if state.taken[k] > 1)
     twin_params = dict(twin.named_parameters())
@@ -153,9 +160,29 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
         "checkpoint_tensors": len(state.original),
         "unused": unused,
         "consumed_twice": reused,
+        "dropped": sorted(dropped),
         "unloaded_params": unloaded,
     }
     return model, coverage
+
+
+@contextlib.contextmanager
+def _dropped_by_load_state_dict():
+    """The keys load_state_dict ignored while a builder ran: litert-torch's loader loads non-strictly when
+    the head is tied, so a converted tensor no module takes (a QK norm the config lacks) vanishes silently."""
+    dropped: list[str] = []
+    original = torch.nn.Module.load_state_dict
+
+    def recording(module, state_dict, strict=True, assign=False):
+        result = original(module, state_dict, strict=strict, assign=assign)
+        dropped.extend(result.unexpected_keys)
+        return result
+
+    torch.nn.Module.load_state_dict = recording
+    try:
+        yield dropped
+    finally:
+        torch.nn.Module.load_state_dict = original
 
 
 def attention_entropy_ratio(hf_model: torch.nn.Module, prompts: list[np.ndarray]) -> float:

@@ -7,17 +7,18 @@ from typing import Any
 import numpy as np
 
 from harness import stages
-from harness.gates import judge
-from harness.records import FAIL, PASS, CheckResult
+from harness.gates import Gate
+from harness.records import PASS, CheckResult
 from harness.workload import Trajectory, greedy_of
 
 
-def verdict(model: str, stage: str, check: str, metrics: dict[str, Any], thresholds: dict[str, float],
-            detail: str = "") -> CheckResult:
-    """Holds metrics to thresholds; the message names every violation."""
-    failures = judge(metrics, thresholds)
-    message = "; ".join(failures + ([detail] if detail and failures else []))
-    return CheckResult(model, stage, check, FAIL if failures else PASS, metrics, dict(thresholds), message)
+def verdict(model: str, stage: str, check: str, metrics: dict[str, Any], gate: Gate, detail: str = "",
+            detail_on_pass: bool = False) -> CheckResult:
+    """Holds metrics to a gate; the message names every violation, and where, when it did not pass."""
+    status, reasons = gate.judge(metrics)
+    message = "; ".join(reasons + ([detail] if detail and (status != PASS or detail_on_pass) else []))
+    defect = gate.defect.name if gate.defect else None
+    return CheckResult(model, stage, check, status, metrics, dict(gate.thresholds), message, defect)
 
 
 def logit_errors(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, Any]:
@@ -46,15 +47,21 @@ def logit_errors(candidate: list[np.ndarray], reference: list[np.ndarray]) -> di
     }
 
 
-def compare_logits(model: str, stage: str, candidate, reference, thresholds) -> CheckResult:
+def compare_logits(model: str, stage: str, candidate, reference, gate: Gate) -> CheckResult:
     metrics = logit_errors(candidate, reference)
     detail = (f"worst at prompt {metrics['worst_prompt']} position {metrics['worst_position']} "
               f"vs {stages.parent_stage(stage)}")
-    return verdict(model, stage, stages.LOGITS, metrics, thresholds, detail)
+    return verdict(model, stage, stages.LOGITS, metrics, gate, detail)
+
+
+def greedy_match(candidate: list[np.ndarray], trajectories: list[Trajectory]) -> float:
+    """The share of generated positions where a stage's argmax is HF's greedy token."""
+    same = np.concatenate([greedy_of(logits, traj) == traj.greedy for logits, traj in zip(candidate, trajectories)])
+    return float(same.mean()) if same.size else 1.0
 
 
 def compare_greedy(model: str, stage: str, candidate: list[np.ndarray], trajectories: list[Trajectory],
-                   thresholds) -> CheckResult:
+                   gate: Gate) -> CheckResult:
     """Greedy generation along the HF trajectory: identical tokens, or where the first divergence is."""
     matched, total, first = 0, 0, None
     for i, (logits, traj) in enumerate(zip(candidate, trajectories, strict=True)):
@@ -66,7 +73,7 @@ def compare_greedy(model: str, stage: str, candidate: list[np.ndarray], trajecto
             step = int(np.argmin(same))
             first = f"prompt {i} diverges at generated token {step}: {int(ours[step])} instead of HF's {int(traj.greedy[step])}"
     metrics = {"match": matched / max(total, 1), "tokens": total}
-    return verdict(model, stage, stages.GREEDY, metrics, thresholds, first or "")
+    return verdict(model, stage, stages.GREEDY, metrics, gate, first or "")
 
 
 def kl_divergences(candidate: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
@@ -82,7 +89,7 @@ def kl_divergences(candidate: list[np.ndarray], reference: list[np.ndarray]) -> 
     return np.concatenate(out)
 
 
-def quant_accuracy(model: str, stage: str, candidate, float_reference, thresholds) -> CheckResult:
+def quant_accuracy(model: str, stage: str, candidate, float_reference, gate: Gate, trajectories=None) -> CheckResult:
     """A quantized stage against the float flatbuffer: mean/p99/max KL and top-1 agreement."""
     kl = kl_divergences(candidate, float_reference)
     agree = np.concatenate([c.argmax(-1) == r.argmax(-1) for c, r in zip(candidate, float_reference)])
@@ -93,28 +100,42 @@ def quant_accuracy(model: str, stage: str, candidate, float_reference, threshold
         "top1": float(agree.mean()),
         "positions": int(kl.size),
     }
-    return verdict(model, stage, stages.QUANT_ACCURACY, metrics, thresholds, f"vs {stages.TFLITE_FLOAT}")
+    if trajectories is not None:  # how often its greedy tokens are HF's, for the reader (not gated by default)
+        metrics["greedy_match_vs_hf"] = greedy_match(candidate, trajectories)
+    return verdict(model, stage, stages.QUANT_ACCURACY, metrics, gate, f"vs {stages.TFLITE_FLOAT}")
 
 
-def sensitivity(model: str, entropy_ratio: float, thresholds) -> CheckResult:
+def sensitivity(model: str, entropy_ratio: float, gate: Gate) -> CheckResult:
     """Is the random reference sensitive: attention far enough from uniform to expose positional bugs?"""
     metrics = {"entropy_ratio": entropy_ratio}
     detail = "attention is near-uniform: raise the pair's init_std so positional defects show"
-    return verdict(model, stages.HF, stages.SENSITIVITY, metrics, thresholds, detail)
+    return verdict(model, stages.HF, stages.SENSITIVITY, metrics, gate, detail)
 
 
-def weight_coverage(model: str, coverage: dict[str, Any], thresholds) -> CheckResult:
+def weight_coverage(model: str, coverage: dict[str, Any], gate: Gate) -> CheckResult:
     """Every checkpoint tensor consumed exactly once, every parameter loaded from the checkpoint."""
     metrics = {
         "checkpoint_tensors": coverage["checkpoint_tensors"],
-        "unused_tensors": len(coverage["unused"]) + len(coverage["consumed_twice"]),
+        "unused_tensors": len(coverage["unused"]) + len(coverage["consumed_twice"]) + len(coverage.get("dropped", [])),
         "unloaded_params": len(coverage["unloaded_params"]),
     }
     lists = []
     for key, label in (("unused", "unused"), ("consumed_twice", "consumed twice"),
+                       ("dropped", "mapped but dropped by load_state_dict (no module takes them)"),
                        ("unloaded_params", "parameters not loaded from the checkpoint")):
-        if coverage[key]:
+        if coverage.get(key):
             lists.append(f"{label}: {', '.join(coverage[key][:10])}" + (" ..." if len(coverage[key]) > 10 else ""))
-    result = verdict(model, stages.REAUTHORED, stages.WEIGHT_COVERAGE, metrics, thresholds, "; ".join(lists))
-    result.metrics["lists"] = {k: coverage[k] for k in ("unused", "consumed_twice", "unloaded_params")}
-    return result
+    metrics["lists"] = {k: coverage.get(k, []) for k in ("unused", "consumed_twice", "dropped", "unloaded_params")}
+    return verdict(model, stages.REAUTHORED, stages.WEIGHT_COVERAGE, metrics, gate, "; ".join(lists))
+
+
+def composite_body(model: str, bodies: np.ndarray, resolved: np.ndarray, composites: int, where: str,
+                   gate: Gate) -> CheckResult:
+    """StableHLO with every composite body as lowered vs resolved from the composite's attributes, as the
+    converter does: a difference is a body that disagrees with the op the flatbuffer gets (an upstream defect)."""
+    err = np.abs(bodies.astype(np.float64) - resolved.astype(np.float64))
+    metrics = {"max_abs_err": float(err.max()), "composites_from_attributes": composites}
+    detail = (f"{where}: the lowered bodies disagree with their composites' attributes ({composites} composites "
+              "resolved from attributes over the signatures); XlaCallModule runs a body, the TFLite converter "
+              "builds the op from the attributes")
+    return verdict(model, stages.STABLEHLO, stages.COMPOSITE_BODY, metrics, gate, detail)

@@ -95,12 +95,12 @@ def cmd_list(args) -> int:
     pairs = pairs_lib.discover(tuple(Path(d) for d in args.models_dir))
     rows = [[p.name, p.hf_class, ", ".join(p.features), ",".join(p.suites),
              ", ".join(r + ("*" if r in p.default_quant else "") for r in p.quant_recipes),
-             f"{', '.join(p.expected_failure.stages)}: {p.expected_failure.reason}" if p.expected_failure else ""]
+             "; ".join(f"{d.name} ({d.stage} {d.check}: {d.describe_band()})" for d in p.expected_failures)]
             for p in pairs.values()]
     from tabulate import tabulate
 
     print(tabulate(rows, headers=["pair", "HF reference", "features", "suites", "quant recipes (* default)",
-                                  "expected failure"]))
+                                  "declared upstream defects"]))
     print()
     print("stages:", ", ".join(stages.FLOAT_STAGES), "+ tflite_<recipe> per quant recipe")
     print("checks:", ", ".join([stages.SENSITIVITY, stages.WEIGHT_COVERAGE, stages.LOGITS, stages.GREEDY,
@@ -118,7 +118,7 @@ def _options(args) -> RunOptions:
             raise HarnessError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     from harness.properties import property_checks
 
-    return RunOptions(gates=load_gates(Path(args.gates)), cache=ArtifactCache(Path(args.cache_dir), not args.no_cache),
+    return RunOptions(gates=load_gates(Path(args.gates)), cache=ArtifactCache(Path(args.cache_dir), shared=not args.no_cache),
                       quant=quant, num_threads=args.threads, stages=tuple(args.stages) if args.stages else None,
                       extra_checks=(property_checks,))
 
@@ -134,6 +134,7 @@ def cmd_verify(args) -> int:
     options = _with_golden(_options(args), args)
     models_dirs = tuple(Path(d) for d in args.models_dir)
     known = pairs_lib.discover(models_dirs)
+    options.gates.require_models(known)
     selected, unknown = pairs_lib.select(known, args.models, args.suite)
     for name in unknown:
         print(f"error: {pairs_lib.unknown_model_message(name, known)}", file=sys.stderr)
@@ -158,7 +159,9 @@ def cmd_verify(args) -> int:
 def cmd_verify_one(args) -> int:
     """Child of `verify`: one pair, progress on stdout, the report as JSON in --result."""
     options = _with_golden(_options(args), args)
-    pair = pairs_lib.discover(tuple(Path(d) for d in args.models_dir))[args.model]
+    known = pairs_lib.discover(tuple(Path(d) for d in args.models_dir))
+    options.gates.require_models(known)
+    pair = known[args.model]
 
     done: list = []
     timings: dict[str, float] = {}
@@ -171,7 +174,8 @@ def cmd_verify_one(args) -> int:
         partial = report_to_json(PairReport(pair.name, done, timings, {}))
         report.write_atomic(Path(args.result), json.dumps({**partial, "partial": True}, default=str))
 
-    rep = verify_pair(pair, options, progress)
+    with options.cache:
+        rep = verify_pair(pair, options, progress)
     Path(args.result).write_text(json.dumps(report_to_json(rep), default=str))
     return EXIT_PASS
 
@@ -186,6 +190,7 @@ def cmd_golden(args) -> int:
     options = dataclasses.replace(_options(args), extra_checks=())
     golden_dir = Path(args.golden_dir)
     known = pairs_lib.discover(tuple(Path(d) for d in args.models_dir))
+    options.gates.require_models(known)
     selected, unknown = pairs_lib.select(known, args.models, args.suite)
     for name in unknown:
         print(f"error: {pairs_lib.unknown_model_message(name, known)}", file=sys.stderr)
@@ -194,11 +199,12 @@ def cmd_golden(args) -> int:
         print(format_progress(model, stage, seconds, produced), flush=True)
 
     outcomes = []
-    for pair in selected:
-        quant = golden.recipes_to_record(pair, golden_dir, options.quant)
-        rep = verify_pair(pair, dataclasses.replace(options, quant=quant), progress)
-        outcomes.append(golden.update(pair, rep.outputs, rep.results, options.gates, golden_dir, args.reason))
-        print(outcomes[-1].diff, flush=True)
+    with options.cache:
+        for pair in selected:
+            quant = golden.recipes_to_record(pair, golden_dir, options.quant)
+            rep = verify_pair(pair, dataclasses.replace(options, quant=quant), progress)
+            outcomes.append(golden.update(pair, rep.outputs, rep.results, options.gates, golden_dir, args.reason))
+            print(outcomes[-1].diff, flush=True)
     print()
     for o in outcomes:
         print(f"{o.model}: {o.status} ({o.path})")
@@ -261,9 +267,10 @@ def cmd_bench(args) -> int:
     if args.rounds < 2 or args.decode_steps < 1:
         raise HarnessError("--rounds must be at least 2 (an interval needs two rounds) and --decode-steps at least 1")
     gates = load_gates(Path(args.gates))
-    cache = ArtifactCache(Path(args.cache_dir), not args.no_cache)
+    gates.require_models(known)
+    cache = ArtifactCache(Path(args.cache_dir), shared=not args.no_cache)
     settings = bench.BenchSettings(threads=tuple(args.threads), decode_steps=args.decode_steps, rounds=args.rounds,
-                                   cache_dir=args.cache_dir, models_dirs=tuple(args.models_dir),
+                                   cache_dir=str(cache.store), models_dirs=tuple(args.models_dir),
                                    pytorch=not args.no_pytorch)
     quant = parse_quant(args.quant)
 

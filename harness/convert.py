@@ -10,14 +10,15 @@ from pathlib import Path
 from harness.cache import ArtifactCache, dir_digest
 from harness.lowering import export_config
 from harness.pairs import ModelPair, describe
-from harness.records import library_versions
 
 FLOAT = "none"  # litert-torch's name for no quantization
 MODEL_FILE = "model.tflite"
+TFLITE = "tflite"  # the cache's kind for flatbuffers
 
 
-def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str) -> dict:
-    """Everything that affects a converted artifact (not the pair's prose, workload or checks)."""
+def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict) -> dict:
+    """Everything that affects a converted artifact (not the pair's prose, workload or checks): the builder,
+    the weights, the export settings, the recipe, the harness's conversion code and the libraries' code."""
     return {
         "pair": pair.name,
         "reauthored": describe(pair.reauthored),
@@ -26,7 +27,8 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str) -> dict:
         "kv_cache_max": pair.export.kv_cache_max,
         "output_logits_on_prefill": True,
         "recipe": recipe,
-        "versions": library_versions(),
+        "conversion_code": describe(convert),
+        "libraries": libraries,
     }
 
 
@@ -49,4 +51,11 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
                 logging.root.setLevel(previous)
         Path(path).rename(out / MODEL_FILE)
 
-    return cache.get_or_build("tflite", artifact_key(pair, checkpoint, recipe), build) / MODEL_FILE
+    key = artifact_key(pair, checkpoint, recipe, cache.code_digests())
+    return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
+
+
+def cached_artifact(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache) -> Path | None:
+    """The flatbuffer `convert` would return, if the cache holds it intact; None when it must be converted."""
+    entry = cache.lookup(TFLITE, artifact_key(pair, checkpoint, recipe, cache.code_digests()))
+    return entry / MODEL_FILE if entry else None

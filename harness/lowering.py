@@ -85,50 +85,109 @@ def _lookup_as_gather(output_marker, indices, weight):
     return gather.results[0]
 
 
-def resolve_tensor_markers(module) -> dict[str, int]:
+def _tanh_gelu(output_marker, x):
+    """gelu(x, approximate="tanh") as the converter's TFL GELU computes it: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    import math
+
+    from litert_converter.mlir import ir
+
+    kind = ir.RankedTensorType(x.type)
+
+    def op(name, *operands):
+        return ir.Operation.create(name, results=[x.type], operands=list(operands), loc=output_marker.location).results[0]
+
+    def const(value):
+        attr = ir.DenseElementsAttr.get_splat(kind, ir.FloatAttr.get(kind.element_type, value))
+        return ir.Operation.create("stablehlo.constant", results=[x.type], attributes={"value": attr},
+                                   loc=output_marker.location).results[0]
+
+    with ir.InsertionPoint(output_marker), output_marker.location:
+        cube = op("stablehlo.multiply", op("stablehlo.multiply", x, x), x)
+        inner = op("stablehlo.multiply", const(math.sqrt(2.0 / math.pi)),
+                   op("stablehlo.add", x, op("stablehlo.multiply", const(0.044715), cube)))
+        return op("stablehlo.multiply", op("stablehlo.multiply", const(0.5), x),
+                  op("stablehlo.add", const(1.0), op("stablehlo.tanh", inner)))
+
+
+# Composites whose StableHLO body is not what the converter builds from their attributes; each is
+# resolved from its attributes: (composite name, attribute condition, replacement of the output).
+GELU = "aten.gelu.default"
+EMBEDDING_LOOKUP = "odml.embedding_lookup"
+
+
+def _regions(markers) -> dict[str, dict]:
+    """Marked regions by id: name, attributes (set on its output marker) and marker ops by (is_input, pos)."""
+    regions: dict[str, dict] = {}
+    for op, config in markers:
+        region = regions.setdefault(config["id"], {"name": config["name"], "attr": None, "ops": {}})
+        region["ops"][(config["is_input"], config["pos"])] = op
+        region["attr"] = region["attr"] or config.get("attr")
+    return regions
+
+
+def resolve_tensor_markers(module, composites: bool = True) -> dict[str, int]:
     """Resolves high-level-function-boundary markers the way the converter does.
 
     litert-torch wraps the inputs and outputs of fused ops (RMS norm, SDPA, embedding
-    lookup) in `stablehlo.custom_call @mark_tensor` so its converter can replace each
+    lookup, GELU) in `stablehlo.custom_call @mark_tensor` so its converter can replace each
     marked region with one TFL op. XlaCallModule has no kernel for the markers.
-    Numerically a marker returns its operand unchanged, so each is replaced by it;
-    an embedding_lookup region is replaced by a plain gather, as the converter does,
-    because its decomposition differs from PyTorch at the padding_idx row.
+    Numerically a marker returns its operand unchanged, so each is replaced by it.
+    With `composites`, a region whose body differs from the op the converter builds is
+    replaced by that op: an embedding_lookup by a plain gather (its decomposition also zeroes
+    the padding_idx row, which PyTorch's forward and the TFL op do not), and a tanh GELU by the
+    tanh formula (litert-torch 0.10.0 lowers its body as the exact erf GELU while the converter
+    reads approximate="tanh" from the attribute). Without it every body runs as lowered.
     """
     markers = _markers(module)
-    lookups: dict[str, dict] = {}
-    for op, config in markers:
-        if config["name"] == "odml.embedding_lookup":
-            lookups.setdefault(config["id"], {})[(config["is_input"], config["pos"])] = op
-    for parts in lookups.values():
-        output = parts[(False, 0)]
-        gathered = _lookup_as_gather(output, parts[(True, 0)].operands[0], parts[(True, 1)].operands[0])
-        output.results[0].replace_all_uses_with(gathered)
+    counts = {"identities": len(markers), "embedding_lookups_as_gather": 0, "tanh_gelus_from_attribute": 0}
+    for region in _regions(markers).values() if composites else ():
+        ops, attr = region["ops"], region["attr"] or {}
+        if region["name"] == EMBEDDING_LOOKUP:
+            output = ops[(False, 0)]
+            value = _lookup_as_gather(output, ops[(True, 0)].operands[0], ops[(True, 1)].operands[0])
+            counts["embedding_lookups_as_gather"] += 1
+        elif region["name"] == GELU and attr.get("approximate") == "tanh":
+            output = ops[(False, 0)]
+            value = _tanh_gelu(output, ops[(True, 0)].operands[0])
+            counts["tanh_gelus_from_attribute"] += 1
+        else:
+            continue
+        output.results[0].replace_all_uses_with(value)
     for op, _ in markers:
         assert op.operands[0].type == op.results[0].type, "a marker changed a type"
         op.results[0].replace_all_uses_with(op.operands[0])
         op.erase()
-    return {"identities": len(markers), "embedding_lookups_as_gather": len(lookups)}
+    return counts
 
 
-def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True):
+def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True,
+                   bodies_of: tuple[str, ...] = ()):
     """Each program through the converter's FX passes and MLIR lowering, markers resolved.
 
     Weights are inlined as constants, as litert-torch's default converter does; with
     inline_weights=False they stay function arguments (its V2 converter's lowering), which
     XlaCallModule is then fed from the state dict: the way past its 2 GiB module limit.
+    For the signatures named in `bodies_of`, a copy with every composite body as lowered is
+    returned too, to measure what resolving composites from their attributes changes.
     """
+    import dataclasses
+
+    from litert_converter.mlir import ir
     from litert_torch import backend
     from litert_torch._convert import core
 
-    lowered, resolved = {}, {}
+    lowered, resolved, bodies = {}, {}, {}
     for name, ep in programs.items():
         module = backend.export.exported_program_to_mlir(core._run_convert_passes(ep), inline_constants=inline_weights)
         with module.ctx:
+            if name in bodies_of:
+                copy = dataclasses.replace(module, module=ir.Module.parse(module.module_bytecode), _tf_function=None)
+                resolve_tensor_markers(copy.module, composites=False)
+                bodies[name] = copy
             for key, count in resolve_tensor_markers(module.module).items():
                 resolved[key] = resolved.get(key, 0) + count
         lowered[name] = module
-    return lowered, resolved
+    return lowered, resolved, bodies
 
 
 # XlaCallModule receives the module as text inside a protobuf, which caps at 2 GiB; the

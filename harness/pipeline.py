@@ -12,13 +12,14 @@ from harness.cache import ArtifactCache
 from harness.checkpoint import attention_entropy_ratio, build_reauthored, load_hf, reference_checkpoint
 from harness.convert import FLOAT, convert
 from harness.errors import CheckpointError, HarnessError
-from harness.gates import Gates, thresholds_for
+from harness.gates import Gate, Gates, gate_for
 from harness.lowering import (StableHLORunner, converter_signatures, custom_calls, export_programs, fits_inline,
                               lower_programs)
 from harness.memory import peak_rss_mb, release_freed
 from harness.pairs import ModelPair
-from harness.records import ERROR, FAIL, PASS, SKIP, XFAIL, CheckResult
-from harness.runners import ExportedRunner, ReauthoredRunner, TFLiteRunner, run_trajectory
+from harness.paths import scrub
+from harness.records import ERROR, SKIP, CheckResult
+from harness.runners import ExportedRunner, ReauthoredRunner, TFLiteRunner, run_trajectory, signature_for
 from harness.workload import greedy_trajectory, make_prompts
 
 
@@ -60,8 +61,8 @@ class _Stages:
         self.outputs: dict[str, Any] = {"runners": {}}
         self.enabled: set[str] = set()
 
-    def thresholds(self, stage: str, check: str) -> dict[str, float]:
-        return thresholds_for(self.options.gates, self.pair.name, stage, check)
+    def gate(self, stage: str, check: str) -> Gate:
+        return gate_for(self.options.gates, self.pair, stage, check)
 
     def run(self, stage: str, needs: tuple[str, ...], body: Callable[[], list[CheckResult]]) -> None:
         """Runs a stage body unless what it needs is missing; an exception becomes an error record."""
@@ -81,8 +82,7 @@ class _Stages:
             except Exception as e:  # noqa: BLE001 - one broken stage must not lose the others
                 where = traceback.extract_tb(e.__traceback__)[-1]
                 produced = [CheckResult(self.pair.name, stage, stages.STAGE, ERROR,
-                                        message=f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})")]
-        _excuse(self.pair, produced)  # before the progress line, which would otherwise print a declared defect as fail
+                                        message=scrub(f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"))]
         self.timings[stage] = round(time.perf_counter() - start, 3)
         release_freed()  # what the stage dropped, before the next one allocates
         self.notes.setdefault("peak_rss_mib", {})[stage] = round(peak_rss_mb())
@@ -94,9 +94,9 @@ class _Stages:
         parent = stages.parent_stage(stage)
         return [
             checks.compare_logits(self.pair.name, stage, logits, self.outputs[parent],
-                                  self.thresholds(stage, stages.LOGITS)),
+                                  self.gate(stage, stages.LOGITS)),
             checks.compare_greedy(self.pair.name, stage, logits, self.outputs["trajectories"],
-                                  self.thresholds(stage, stages.GREEDY)),
+                                  self.gate(stage, stages.GREEDY)),
         ]
 
     def run_all(self, stage: str, runner) -> list:
@@ -125,25 +125,27 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     """Every stage of one pair, compared with the stage it was derived from, held to the gates."""
     s = _Stages(pair, options, progress)
     hits_before, misses_before = len(options.cache.hits), len(options.cache.misses)
+    rebuilt_before = len(options.cache.rebuilt)
     export = pair.export
     name = pair.name
 
     def hf():
         s.outputs["checkpoint"] = checkpoint = reference_checkpoint(pair, options.cache)
+        s.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(options.cache, checkpoint)
         model = load_hf(pair, checkpoint)
         prompts = make_prompts(pair)
         runs = [greedy_trajectory(model, p, pair.workload.new_tokens) for p in prompts]
         s.outputs["trajectories"] = [t for t, _ in runs]
         s.outputs[stages.HF] = [logits for _, logits in runs]
         ratio = attention_entropy_ratio(model, prompts)
-        return [checks.sensitivity(name, ratio, s.thresholds(stages.HF, stages.SENSITIVITY))]
+        return [checks.sensitivity(name, ratio, s.gate(stages.HF, stages.SENSITIVITY))]
 
     def reauthored():
         model, coverage = build_reauthored(pair, s.outputs["checkpoint"], export.kv_cache_max)
         s.outputs["model"] = model
         logits = s.run_all(stages.REAUTHORED, ReauthoredRunner(model, export.kv_cache_max))
         s.outputs[stages.REAUTHORED] = logits
-        return [checks.weight_coverage(name, coverage, s.thresholds(stages.REAUTHORED, stages.WEIGHT_COVERAGE))] \
+        return [checks.weight_coverage(name, coverage, s.gate(stages.REAUTHORED, stages.WEIGHT_COVERAGE))] \
             + s.compare_float(stages.REAUTHORED, logits)
 
     def exported():
@@ -156,19 +158,31 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
 
     def stablehlo():
         inline = fits_inline(s.outputs["model"])
-        lowered, resolved = lower_programs(s.outputs["programs"], inline_weights=inline)
+        first = s.outputs["trajectories"][0]
+        probe = f"prefill_{signature_for(first.prompt_len, export.prefill_lens)}"
+        lowered, resolved, bodies = lower_programs(s.outputs["programs"], inline_weights=inline, bodies_of=(probe,))
         s.notes["stablehlo_markers_resolved"] = resolved
         s.notes["stablehlo_weights"] = "inlined as constants" if inline else (
             "function arguments: inlined, the module would pass XlaCallModule's 2 GiB limit")
         left = custom_calls(lowered)
         if left:
-            return [CheckResult(name, stages.STABLEHLO, stages.STAGE, SKIP,
-                                message=f"skipped: custom calls with no XLA kernel remain: {', '.join(left)}")]
-        logits = s.run_all(stages.STABLEHLO, StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max))
+            return [CheckResult(name, stages.STABLEHLO, stages.STAGE, ERROR,
+                                message=f"cannot execute the lowered StableHLO: custom calls with no XLA kernel "
+                                        f"remain ({', '.join(left)}); teach harness/lowering.py to resolve them")]
+        runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+        logits = s.run_all(stages.STABLEHLO, runner)
         s.outputs[stages.STABLEHLO] = logits
         # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
         del s.outputs["runners"][stages.STABLEHLO]
-        return s.compare_float(stages.STABLEHLO, logits)
+        results = s.compare_float(stages.STABLEHLO, logits)
+        if resolved["tanh_gelus_from_attribute"]:
+            prompt = first.tokens[:first.prompt_len]
+            as_lowered, _ = StableHLORunner({**lowered, **bodies}, export.prefill_lens,
+                                            export.kv_cache_max).prefill(prompt, runner.empty_kv())
+            results.append(checks.composite_body(
+                name, as_lowered, logits[0][:first.prompt_len], resolved["tanh_gelus_from_attribute"],
+                f"{probe} of prompt 0", s.gate(stages.STABLEHLO, stages.COMPOSITE_BODY)))
+        return results
 
     def tflite(recipe: str):
         def body():
@@ -176,17 +190,15 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
             runner = TFLiteRunner(path, export.prefill_lens, export.kv_cache_max, options.num_threads)
             stage = stages.TFLITE_FLOAT if recipe == FLOAT else stages.tflite_stage(recipe)
             s.outputs.setdefault("artifacts", {})[stage] = path
+            s.notes.setdefault("artifacts", {})[stage] = _provenance(options.cache, path.parent, path.name)
             logits = s.run_all(stage, runner)
             runner.release()  # reopened by a later check that runs it; a real model's holds GiBs
             s.outputs[stage] = logits
             s.notes[f"{stage}_bytes"] = path.stat().st_size
             if recipe == FLOAT:
                 return s.compare_float(stage, logits)
-            result = checks.quant_accuracy(name, stage, logits, s.outputs[stages.TFLITE_FLOAT],
-                                           s.thresholds(stage, stages.QUANT_ACCURACY))
-            greedy = checks.compare_greedy(name, stage, logits, s.outputs["trajectories"], {})
-            result.metrics["greedy_match_vs_hf"] = greedy.metrics["match"]
-            return [result]
+            return [checks.quant_accuracy(name, stage, logits, s.outputs[stages.TFLITE_FLOAT],
+                                          s.gate(stage, stages.QUANT_ACCURACY), s.outputs["trajectories"])]
         return body
 
     recipes = planned_recipes(pair, options)
@@ -211,8 +223,9 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
         s.run(_extra_stage(extra), (stages.REAUTHORED,),
               lambda extra=extra: extra(pair, s.outputs, options))
     s.notes["cache"] = {"hits": len(options.cache.hits) - hits_before,
-                        "misses": len(options.cache.misses) - misses_before}
-    return PairReport(name, _expected_failures(pair, s.results), s.timings, s.notes, s.outputs)
+                        "misses": len(options.cache.misses) - misses_before,
+                        "rebuilt_damaged": len(options.cache.rebuilt) - rebuilt_before}
+    return PairReport(name, s.results, s.timings, s.notes, s.outputs)
 
 
 def _extra_stage(extra) -> str:
@@ -220,24 +233,8 @@ def _extra_stage(extra) -> str:
     return getattr(extra, "stage", None) or getattr(extra, "__name__", type(extra).__name__)
 
 
-def _excuse(pair: ModelPair, results: list[CheckResult]) -> list[CheckResult]:
-    """A known upstream defect turns its stages' failures into xfail, and says so."""
-    expected = pair.expected_failure
-    for r in results:
-        if expected and r.status in (FAIL, ERROR) and r.stage in expected.stages:
-            r.status = XFAIL
-            r.message = f"expected failure ({expected.reason}): {r.message}"
-    return results
-
-
-def _expected_failures(pair: ModelPair, results: list[CheckResult]) -> list[CheckResult]:
-    """Failures of a known defect's stages are xfail (already, stage by stage); a defect that no longer shows is
-    reported, so its declaration gets removed."""
-    expected = pair.expected_failure
-    if not expected:
-        return results
-    if not any(r.status == XFAIL for r in results):
-        results.append(CheckResult(pair.name, stages.HF, stages.STAGE, PASS,
-                                   message=f"marked expected failure ({expected.reason}) but every check passed: "
-                                           "remove expected_failure from the pair"))
-    return results
+def _provenance(cache: ArtifactCache, entry, file: str | None = None) -> dict[str, Any]:
+    """An artifact's cache key and the digest of its file (or of every file of the entry)."""
+    manifest = cache.served.get(f"{entry.parent.name}/{entry.name}", {})
+    return {"key": f"{entry.parent.name}/{entry.name}",
+            "sha256": manifest.get(file) if file else dict(sorted(manifest.items()))}

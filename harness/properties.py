@@ -20,7 +20,7 @@ from harness import stages
 from harness.checkpoint import load_hf
 from harness.checks import kl_divergences, verdict
 from harness.errors import HarnessError
-from harness.gates import judge, thresholds_for
+from harness.gates import gate_for, judge
 from harness.records import ERROR, CheckResult
 from harness.runners import ReauthoredRunner, TFLiteRunner, run_trajectory, signature_for
 from harness.strategies import Case, Shape, seeded_cases
@@ -502,9 +502,9 @@ def property_checks(pair, outputs: dict, options) -> list:
             except HarnessError as e:
                 results.append(CheckResult(pair.name, stage, check, ERROR, message=f"{e}; {command}"))
                 continue
-            thresholds = thresholds_for(options.gates, pair.name, stage, check)
-            results.append(verdict(pair.name, stage, check, metrics, thresholds,
-                                   _detail(metrics, thresholds, where, command)))
+            gate = gate_for(options.gates, pair, stage, check)
+            results.append(verdict(pair.name, stage, check, metrics, gate,
+                                   _detail(metrics, gate.thresholds, where, command)))
     return results
 
 

@@ -9,8 +9,10 @@ import os
 import platform
 from typing import Any
 
-PASS, FAIL, ERROR, SKIP, XFAIL = "pass", "fail", "error", "skip", "xfail"
-STATUSES = (PASS, FAIL, ERROR, SKIP, XFAIL)
+PASS, FAIL, ERROR, SKIP, XFAIL, INFO = "pass", "fail", "error", "skip", "xfail", "info"
+# info: a measurement reported without a gate (never counted as a pass); xfail: a failure inside the band
+# of a declared upstream defect (harness/gates.py Gate.judge).
+STATUSES = (PASS, FAIL, ERROR, SKIP, XFAIL, INFO)
 
 
 @dataclasses.dataclass
@@ -24,6 +26,7 @@ class CheckResult:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     threshold: dict[str, Any] = dataclasses.field(default_factory=dict)
     message: str = ""
+    defect: str | None = None  # the declared upstream defect (its name) whose band this check is held to
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -35,10 +38,10 @@ TRACKED_PACKAGES = (
 )
 
 
-def library_versions() -> dict[str, str]:
-    """Exact versions of every library in the conversion chain."""
+def library_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    """Exact versions of every library in the conversion chain (of `names`), as installed."""
     versions = {}
-    for name in TRACKED_PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -57,12 +60,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The instruction-set extensions that decide which XNNPack kernels run (and so a quantized stage's exact
+# numbers): a golden recorded on one set may differ in its last quantization steps on another.
+ISA_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def isa_features() -> list[str]:
+    """Which of ISA_FEATURES this CPU reports (x86-64 Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in ISA_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def host_info() -> dict[str, Any]:
     return {
         "hostname": platform.node(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "isa": isa_features(),
         "cores": os.cpu_count(),
     }
 

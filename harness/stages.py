@@ -48,3 +48,39 @@ def parent_stage(stage: str) -> str | None:
     if stage == STABLEHLO:
         return EXPORTED
     return TFLITE_FLOAT
+
+
+# What the gates file may bound: the metrics each check measures that a `max_`/`min_` key can hold.
+COMPOSITE_BODY = "composite_body"  # stablehlo: composite bodies as lowered vs as the converter reads them
+PERPLEXITY = "perplexity"  # real text (harness/realtext.py)
+GREEDY_TEXT = "greedy_text"
+BENCH = "bench"  # the performance gate's pseudo-stage (harness/bench.py)
+QUANTIZED_FALLBACK = "tflite_quantized"  # gates for any tflite_<recipe> without a table of its own
+GATED_METRICS = {
+    SENSITIVITY: ("entropy_ratio",),
+    WEIGHT_COVERAGE: ("unused_tensors", "unloaded_params"),
+    LOGITS: ("max_abs_err", "mean_abs_err", "min_cosine", "top1"),
+    GREEDY: ("match",),
+    QUANT_ACCURACY: ("mean_kl", "p99_kl", "max_kl", "top1", "greedy_match_vs_hf"),
+    GOLDEN: ("max_abs_err", "max_stats_err", "top1", "greedy_match", "mean_kl", "max_kl", "top5_overlap"),
+    COMPOSITE_BODY: ("max_abs_err",),
+    PREFILL_DECODE: ("prefix_err", "chunked_err", "signatures_err", "causality_err", "padding_err", "resume_err",
+                     "consistency_rel_err", "nondeterministic_values"),
+    KV_CACHE: ("sentinel_err", "write_err", "stray_slots", "missed_writes", "reference_err", "reference_rel_err",
+               "long_err", "long_mean_kl", "long_max_kl", "overflow_rejected", "consistency_rel_err"),
+    PERPLEXITY: ("ppl", "ppl_ratio_vs_hf", "mean_kl", "p99_kl", "max_kl", "top1"),
+    GREEDY_TEXT: ("identical",),
+    "decode_tokens_per_s": ("slowdown",),
+    "prefill_tokens_per_s": ("slowdown",),
+}
+_QUANTIZED_CHECKS = (QUANT_ACCURACY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT)
+CHECKS_AT = {
+    HF: (SENSITIVITY, GOLDEN, PERPLEXITY),
+    REAUTHORED: (WEIGHT_COVERAGE, LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE),
+    EXPORTED: (LOGITS, GREEDY, GOLDEN),
+    STABLEHLO: (LOGITS, GREEDY, GOLDEN, COMPOSITE_BODY),
+    TFLITE_FLOAT: (LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT),
+    QUANTIZED_FALLBACK: _QUANTIZED_CHECKS,
+    **{tflite_stage(r): _QUANTIZED_CHECKS for r in QUANT_RECIPES},
+    BENCH: ("decode_tokens_per_s", "prefill_tokens_per_s"),
+}

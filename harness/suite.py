@@ -12,6 +12,8 @@ from typing import Callable
 
 from harness import report, stages
 from harness.pairs import ModelPair
+from harness.paths import display_path, scrub
+from harness.provenance import harness_commit
 from harness.pipeline import PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.records import ERROR, CheckResult, run_metadata
 
@@ -78,7 +80,7 @@ def run_isolated(request: SuiteRequest, pair: ModelPair, options: RunOptions,
     # The first planned stage it had not reported; past the last one, its checks were running.
     stage = next((st for st in planned if st not in finished), planned[-1])
     message = f"the process verifying {pair.name} died with exit code {code} during {stage}; last output: " + \
-        " | ".join(t for t in tail if t.strip())[-1500:]
+        scrub(" | ".join(t for t in tail if t.strip()))[-1500:]
     return PairReport(pair.name, done + [CheckResult(pair.name, stage, stages.STAGE, ERROR, message=message)],
                       data["timings"], {})
 
@@ -86,8 +88,10 @@ def run_isolated(request: SuiteRequest, pair: ModelPair, options: RunOptions,
 def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions, echo: Callable[[str], None],
               unknown: list[str] = (), isolate: bool = True, unknown_message: Callable[[str], str] = str) -> dict:
     """Every pair in turn; the reports are rewritten atomically after each one."""
-    run = run_metadata(gates=request.gates_path, quant=list(request.quant) if request.quant is not None else "default",
-                       models=[p.name for p in pairs] + list(unknown), cache=request.cache_dir if request.use_cache else None)
+    run = run_metadata(gates=options.gates.path, quant=list(request.quant) if request.quant is not None else "default",
+                       models=[p.name for p in pairs] + list(unknown),
+                       cache=display_path(request.cache_dir) if request.use_cache else "private to the run (--no-cache)",
+                       harness=harness_commit())
     results: list[CheckResult] = [CheckResult(name, stages.HF, stages.STAGE, ERROR, message=unknown_message(name))
                                   for name in unknown]
     models: dict = {}
@@ -99,9 +103,9 @@ def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions
     for pair in pairs:
         rep = run_isolated(request, pair, options, echo) if isolate else verify_pair(pair, options, progress)
         results.extend(rep.results)
-        expected = dataclasses.asdict(pair.expected_failure) if pair.expected_failure else None
         models[pair.name] = {"description": pair.description, "features": list(pair.features),
-                             "expected_failure": expected, "timings": rep.timings, "notes": rep.notes}
+                             "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
+                             "timings": rep.timings, "notes": rep.notes}
         document = report.parity_document(run, results, models)
         report.write_parity(request.out_dir, document)
         report.write_summary(request.out_dir, document)

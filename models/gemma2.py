@@ -1,12 +1,13 @@
 """Gemma 2 (2B) architecture: attention and final logit soft-capping, alternating sliding-window and global layers.
 
-Expected failure at stablehlo only: models/_defects.py GELU_TANH_LOWERED_AS_ERF.
+Declares models/_defects.py GELU_TANH_LOWERED_AS_ERF: its stablehlo composite_body record is xfail inside the
+measured band; every stage, stablehlo included, gates at full tolerance.
 """
 
 from litert_torch.generative.examples.gemma import gemma2
 from litert_torch.generative.layers import model_config as cfg
 
-from models._defects import GELU_TANH_LOWERED_AS_ERF
+from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -53,5 +54,6 @@ PAIR = ModelPair(
     # gemma2.build_2b_model swallows a KeyError (returns None); the HF layout is TENSOR_NAMES_SEP_QKV.
     reauthored=decoder_builder(reauthored_config, gemma2.TENSOR_NAMES_SEP_QKV, gemma2.Gemma2),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
-    expected_failure=GELU_TANH_LOWERED_AS_ERF,
+    # composite_body measured 3.02e-3; the band is ~3x either side.
+    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(1e-3, 9e-3)),),
 )

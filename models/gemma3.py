@@ -1,12 +1,13 @@
 """Gemma 3 (1B) text decoder: QK norm, local/global RoPE bases, sliding-window and global layers.
 
-Expected failure at stablehlo only: models/_defects.py GELU_TANH_LOWERED_AS_ERF.
+Declares models/_defects.py GELU_TANH_LOWERED_AS_ERF: its stablehlo composite_body record is xfail inside the
+measured band; every stage, stablehlo included, gates at full tolerance.
 """
 
 from litert_torch.generative.examples.gemma3 import decoder
 from litert_torch.generative.layers import model_config as cfg
 
-from models._defects import GELU_TANH_LOWERED_AS_ERF
+from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -51,5 +52,6 @@ PAIR = ModelPair(
     # decoder.build_model_1b swallows a KeyError (returns None); the HF layout is TENSOR_NAMES_SEP_QKV.
     reauthored=decoder_builder(reauthored_config, decoder.TENSOR_NAMES_SEP_QKV, decoder.Decoder),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
-    expected_failure=GELU_TANH_LOWERED_AS_ERF,
+    # composite_body measured 1.21e-3; the band is ~3x either side.
+    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(4e-4, 3.6e-3)),),
 )

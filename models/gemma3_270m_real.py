@@ -14,7 +14,7 @@ from harness import realtext
 from harness.errors import HarnessError
 from harness.pairs import ExportSettings, ModelPair
 from harness.workload import TextWorkload
-from models._defects import GELU_TANH_LOWERED_AS_ERF
+from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 
 # Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer; regenerate with
 # realtext.write_prompts(tokenizer, 200, PROMPTS) if the corpus changes (tests/test_real_model.py checks).
@@ -65,5 +65,7 @@ PAIR = ModelPair(
     suites=("full",),
     # Measured: stablehlo vs exported max_abs_err 0.108 on logits up to |64| (greedy identical); with
     # approximate= passed in the GELU composite builder, 4.3e-4 (prefill_128 of prompt 1), under its 2e-3 gate.
-    expected_failure=GELU_TANH_LOWERED_AS_ERF,
+    # Not yet measured as composite_body: its stablehlo logits moved by 0.108 with the erf bodies (every prompt);
+    # the band is ~3x either side of that.
+    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(0.03, 0.3)),),
 )

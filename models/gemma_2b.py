@@ -1,11 +1,12 @@
 """Gemma 1 (2B) architecture: MQA, tied embeddings, embedding scaling, GeGLU, zero-centered RMSNorm.
 
-Expected failure at stablehlo only: models/_defects.py GELU_TANH_LOWERED_AS_ERF.
+Declares models/_defects.py GELU_TANH_LOWERED_AS_ERF: its stablehlo composite_body record is xfail inside the
+measured band; every stage, stablehlo included, gates at full tolerance.
 """
 
 from litert_torch.generative.examples.gemma import gemma1
 
-from models._defects import GELU_TANH_LOWERED_AS_ERF
+from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -42,5 +43,6 @@ PAIR = ModelPair(
     # the eager float error reaches 7.6e-5 on logits of magnitude 14. At 0.08 the entropy
     # ratio is 0.38, like the other pairs at 0.15, and the error 7.9e-6.
     init_std=0.08,
-    expected_failure=GELU_TANH_LOWERED_AS_ERF,
+    # composite_body measured 1.18e-3; the band is ~3x either side.
+    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(4e-4, 3.5e-3)),),
 )

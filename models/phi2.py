@@ -1,11 +1,12 @@
 """Phi-2 architecture: partial rotary, parallel attention + MLP, LayerNorm, biases everywhere, GELU (tanh).
 
-Expected failure at stablehlo only: models/_defects.py GELU_TANH_LOWERED_AS_ERF.
+Declares models/_defects.py GELU_TANH_LOWERED_AS_ERF: its stablehlo composite_body record is xfail inside the
+measured band; every stage, stablehlo included, gates at full tolerance.
 """
 
 from litert_torch.generative.examples.phi import phi2
 
-from models._defects import GELU_TANH_LOWERED_AS_ERF
+from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -35,5 +36,6 @@ PAIR = ModelPair(
     hf_config=HF_CONFIG,
     reauthored=decoder_builder(reauthored_config, phi2.TENSOR_NAMES, phi2.Phi2),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
-    expected_failure=GELU_TANH_LOWERED_AS_ERF,
+    # composite_body measured 7.1e-4; the band is ~3x either side.
+    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(2e-4, 2e-3)),),
 )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness import bench, bench_delegation, bench_report, bench_stats, cli
-from harness.gates import thresholds_for
+
 from harness.records import FAIL, PASS
 
 FAST = dict(threads=(1,), decode_steps=16, warmup=2, prefill_repeats=2, rounds=3)
@@ -88,7 +88,7 @@ def test_summarize():
 
 def test_gates_hold_the_bench_budget(gates):
     for metric in bench.GATED_METRICS:
-        assert 0 < thresholds_for(gates, "tiny_llama", bench.BENCH, metric)["max_slowdown"] < 1
+        assert 0 < gates.thresholds("tiny_llama", bench.BENCH, metric)["max_slowdown"] < 1
 
 
 # --- the delegation analysis ---------------------------------------------------------------------

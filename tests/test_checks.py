@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from harness import checks, stages
-from harness.records import FAIL, PASS
+from harness.gates import Gate
+from harness.records import ERROR, FAIL, PASS
 from harness.workload import Trajectory
 
-FLOAT_GATES = {"max_max_abs_err": 1e-4, "min_min_cosine": 0.999999, "min_top1": 1.0}
+FLOAT_LIMITS = {"max_max_abs_err": 1e-4, "min_min_cosine": 0.999999, "min_top1": 1.0}
+FLOAT_GATES = Gate(FLOAT_LIMITS)
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def test_compare_logits_passes_on_identical(logits):
     result = checks.compare_logits("m", stages.EXPORTED, logits, logits, FLOAT_GATES)
     assert result.status == PASS
     assert result.metrics["max_abs_err"] == 0.0
-    assert result.threshold == FLOAT_GATES
+    assert result.threshold == FLOAT_LIMITS
 
 
 def test_compare_logits_fails_and_locates_the_worst_position(logits):
@@ -41,18 +43,18 @@ def test_compare_logits_fails_on_nan(logits):
 
 def test_compare_greedy_names_the_first_divergence(logits):
     trajectory = Trajectory(prompt_len=5, tokens=np.concatenate([np.ones(5, int), logits[0][4:].argmax(-1)]))
-    ok = checks.compare_greedy("m", stages.TFLITE_FLOAT, [logits[0]], [trajectory], {"min_match": 1.0})
+    ok = checks.compare_greedy("m", stages.TFLITE_FLOAT, [logits[0]], [trajectory], Gate({"min_match": 1.0}))
     assert ok.status == PASS and ok.metrics["match"] == 1.0
     moved = logits[0].copy()
     moved[6, (moved[6].argmax() + 1) % 32] += 100.0
-    bad = checks.compare_greedy("m", stages.TFLITE_FLOAT, [moved], [trajectory], {"min_match": 1.0})
+    bad = checks.compare_greedy("m", stages.TFLITE_FLOAT, [moved], [trajectory], Gate({"min_match": 1.0}))
     assert bad.status == FAIL
     assert "prompt 0 diverges at generated token 2" in bad.message
 
 
 def test_quant_accuracy_budget(logits):
     rng = np.random.default_rng(1)
-    budget = {"max_mean_kl": 0.02, "min_top1": 0.9}
+    budget = Gate({"max_mean_kl": 0.02, "min_top1": 0.9})
     slight = [x + rng.normal(0, 0.01, x.shape).astype(np.float32) for x in logits]
     assert checks.quant_accuracy("m", "tflite_dynamic_int8", slight, logits, budget).status == PASS
     wrecked = [x + rng.normal(0, 3, x.shape).astype(np.float32) for x in logits]
@@ -68,16 +70,24 @@ def test_kl_is_zero_on_identical_and_positive_otherwise(logits):
 
 
 def test_sensitivity_fails_on_near_uniform_attention():
-    assert checks.sensitivity("m", 0.4, {"max_entropy_ratio": 0.85}).status == PASS
-    bad = checks.sensitivity("m", 0.99, {"max_entropy_ratio": 0.85})
+    assert checks.sensitivity("m", 0.4, Gate({"max_entropy_ratio": 0.85})).status == PASS
+    bad = checks.sensitivity("m", 0.99, Gate({"max_entropy_ratio": 0.85}))
     assert bad.status == FAIL and "init_std" in bad.message
 
 
 def test_weight_coverage_lists_unused_and_unloaded():
-    gates = {"max_unused_tensors": 0, "max_unloaded_params": 0}
-    clean = {"checkpoint_tensors": 3, "unused": [], "consumed_twice": [], "unloaded_params": []}
+    gates = Gate({"max_unused_tensors": 0, "max_unloaded_params": 0})
+    clean = {"checkpoint_tensors": 3, "unused": [], "consumed_twice": [], "dropped": [], "unloaded_params": []}
     assert checks.weight_coverage("m", clean, gates).status == PASS
     bad = dict(clean, unused=["model.layers.0.mlp.extra.weight"], unloaded_params=["lm_head.weight"])
     result = checks.weight_coverage("m", bad, gates)
     assert result.status == FAIL
     assert "model.layers.0.mlp.extra.weight" in result.message and "lm_head.weight" in result.message
+    dropped = checks.weight_coverage("m", dict(clean, dropped=["transformer_blocks.0.atten_func.query_norm.weight"]),
+                                     gates)
+    assert dropped.status == FAIL and "dropped by load_state_dict" in dropped.message
+
+
+def test_a_check_without_thresholds_is_an_error(logits):
+    result = checks.compare_logits("m", stages.EXPORTED, logits, logits, Gate({}))
+    assert result.status == ERROR and "not judged is not a pass" in result.message

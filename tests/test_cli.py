@@ -35,6 +35,17 @@ def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# edge-parity: PASS") and "| tflite_float" in summary
     assert "[tiny_llama] stablehlo" in proc.stdout  # a progress line per stage
+    # Provenance: the harness commit, and the digest of every artifact the verdict is about.
+    assert set(data["run"]["harness"]) == {"commit", "dirty"}
+    artifacts = data["models"]["tiny_llama"]["notes"]["artifacts"]
+    assert {"checkpoint", "tflite_float", "tflite_dynamic_int8"} <= set(artifacts)
+    assert all(len(artifacts[s]["sha256"]) == 64 for s in ("tflite_float", "tflite_dynamic_int8"))
+    # No absolute path of this machine in what a run writes.
+    from harness.cache import DEFAULT_ROOT
+
+    for text in (summary, (tmp_path / "parity.json").read_text()):
+        for machine_path in {str(ROOT), str(Path.home()), str(DEFAULT_ROOT), str(tmp_path)}:
+            assert machine_path not in text, machine_path
 
 
 def test_broken_pair_exits_1_at_the_right_stage(tmp_path):
@@ -59,32 +70,46 @@ def test_a_crashing_model_loses_nothing_else(tmp_path):
     assert found[("tiny_llama", "reauthored", "logits")] == "pass"
 
 
+MISSPELT_TABLE = "[defaults.tflite_dynamic_int8.quant_acuracy]\nmax_mean_kl = 9.0\n"
+MISSPELT_MODEL = "[models.tiny_lama.reauthored.logits]\nmax_max_abs_err = 1.0\n"
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--gates", "/nonexistent/gates.toml"], "gates file /nonexistent/gates.toml does not exist"),
+    (["--gates", MISSPELT_TABLE], "[defaults.tflite_dynamic_int8.quant_acuracy] is not a check of stage "
+                                  "tflite_dynamic_int8 (did you mean 'quant_accuracy'?)"),
+    (["--gates", MISSPELT_MODEL], "[models.tiny_lama] names no known model pair (did you mean 'tiny_llama'?)"),
     (["--quant", "int3"], "unknown quant recipe(s) int3"),
     (["--stages", "tflite_magic"], "unknown stage(s) tflite_magic"),
 ])
 def test_bad_configuration_exits_2_with_one_line(tmp_path, args, fragment):
-    proc = harness("verify", "--models", "tiny_llama", "--out", str(tmp_path), *args)
+    if args[0] == "--gates" and args[1].startswith("["):  # a gates file with this text
+        (tmp_path / "gates.toml").write_text(args[1])
+        args = ["--gates", str(tmp_path / "gates.toml")]
+    proc = harness("verify", "--models", "tiny_llama", "--out", str(tmp_path / "out"), *args)
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
 
 
-def test_conversions_are_cached_and_no_cache_rebuilds(tmp_path):
+def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
     args = ["verify", "--models", "tiny_llama", "--stages", "tflite_float", "--quant", "none",
             "--cache-dir", str(tmp_path / "cache"), "--in-process"]
     first = harness(*args, "--out", str(tmp_path / "a"))
     second = harness(*args, "--out", str(tmp_path / "b"))
+    shared = {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint") for p in (tmp_path / "cache" / kind).iterdir()}
     forced = harness(*args, "--out", str(tmp_path / "c"), "--no-cache")
     cache = {}
     for name, proc in (("a", first), ("b", second), ("c", forced)):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         cache[name] = statuses(tmp_path / name)[1]["models"]["tiny_llama"]["notes"]["cache"]
     assert cache["a"]["misses"] == 2  # the checkpoint and the float flatbuffer
-    assert cache["b"] == {"hits": 2, "misses": 0}
+    assert cache["b"] == {"hits": 2, "misses": 0, "rebuilt_damaged": 0}
     assert cache["c"]["misses"] == 2
-    assert len(list((tmp_path / "cache" / "tflite").iterdir())) == 1
+    # --no-cache built privately: the shared entries are still the first run's, and nothing was added
+    assert len(shared) == 2
+    assert {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint")
+            for p in (tmp_path / "cache" / kind).iterdir()} == shared
 
 
 def test_list_shows_pairs_stages_and_recipes():

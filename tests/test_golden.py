@@ -8,8 +8,9 @@ import pytest
 from harness import cli, golden, stages
 from harness.errors import GoldenError
 from harness.pairs import discover
+from harness.paths import display_path
 from harness.pipeline import RunOptions, verify_pair
-from harness.records import ERROR, FAIL, PASS, SKIP, CheckResult
+from harness.records import ERROR, FAIL, PASS, SKIP, CheckResult, isa_features
 from harness.suite import SuiteRequest, child_command
 from tests import variants
 
@@ -54,7 +55,8 @@ def test_clean_run_matches_its_golden_and_the_committed_one(tiny_llama, tiny_lla
 def test_golden_holds_what_the_issue_asks_and_stays_small(recorded, tiny_llama):
     doc = json.loads(golden.golden_path(recorded, "tiny_llama").read_text())
     assert list(doc) == ["schema_version", "model", "provenance", "format", "prompts", "stages"]
-    assert {"recorded", "pair_fingerprint", "reference_key", "python", "versions"} <= set(doc["provenance"])
+    assert {"recorded", "pair_fingerprint", "reference_key", "python", "versions", "host"} <= set(doc["provenance"])
+    assert doc["provenance"]["host"]["isa"] == isa_features() and "avx2" in isa_features()  # x86-64, AVX2 or newer
     assert {"litert-torch", "transformers", "torch", "ai-edge-quantizer"} <= set(doc["provenance"]["versions"])
     entry = doc["stages"]["tflite_dynamic_int8"]
     assert entry["parity"] == PASS and "quant_accuracy" in entry["gates"] and "golden" in entry["gates"]
@@ -98,11 +100,11 @@ def test_wrong_rope_base_is_caught_by_the_golden_check(rope_report):
     r = results["reauthored"]
     assert r.status == FAIL and r.metrics["changed"]
     assert r.metrics["max_abs_err"] > 0.1 and r.metrics["top1"] < 1
-    # e.g. "max_abs_err=1.9 > 0.001; ...; top1=0.57 < 1; worst at prompt 2 position 20 token 87: logit 2.0312,
+    # e.g. "max_abs_err=0.54 > 0.0002; ...; top1=0.96 < 1; worst at prompt 2 position 20 token 87: logit 2.0312,
     # golden 3.9601 (|diff| 1.93); top-1 token changed at 23 of 54 positions, first at prompt 0 position 1: ...;
     # greedy output differs first at prompt 0 generated token 0: ...; vs .../tiny_llama.json (recorded 2026-01-01);
     # differs from its provenance: pair definition changed (builders, export settings or recipes)"
-    for part in ("max_abs_err=", "> 0.001", "worst at prompt", "position", "token", "golden",
+    for part in ("max_abs_err=", f"> {r.threshold['max_max_abs_err']:.4g}", "worst at prompt", "position", "token", "golden",
                  "top-1 token changed at", "greedy output differs first at prompt", "recorded 2026-01-01",
                  "pair definition changed"):
         assert part in r.message, (part, r.message)
@@ -148,10 +150,61 @@ def test_a_different_recipe_is_caught_against_the_dynamic_int8_golden(tiny_llama
     results = by_stage(golden.GoldenCheck(recorded)(tiny_llama, outputs, options))
     assert results["tflite_float"].status == PASS
     r = results["tflite_dynamic_int8"]
-    # e.g. "max_abs_err=0.2069 > 0.05; max_stats_err=0.108 > 0.02; top1=0.9444 < 0.95; greedy_match=0.875 < 0.95;
-    # worst at prompt 2 position 22 token 17: logit 3.5314, golden 3.7383 (|diff| 0.207); ..."
+    # e.g. "greedy_match=0.875 < 0.9; max_kl=0.007763 > 0.004; mean_kl=0.001634 > 0.0003; top1=0.9444 < 0.95;
+    # top5_overlap=0.9481 < 0.98; worst at prompt 2 position 22 token 17: logit 3.5314, golden 3.7383 ..."
     assert r.status == FAIL, r.message
-    assert "> 0.05" in r.message and "worst at prompt" in r.message and "greedy output differs" in r.message
+    assert r.metrics["mean_kl"] > 3 * r.threshold["max_mean_kl"], r.metrics  # well clear of the budget
+    for part in ("mean_kl=", "top5_overlap=", "worst at prompt", "greedy output differs"):
+        assert part in r.message, (part, r.message)
+
+
+# ------------------------------------------------------------------ portable across CPUs
+
+def test_another_cpus_rounding_passes_the_quantized_golden(pairs, pair_report, options, tmp_path):
+    """Another CPU's XNNPack kernels round floats differently in their last bit; a dynamic-int8 stage turns
+    such a difference into a flipped activation quantization step, carried forward by the KV cache. Emulated
+    here by moving every float constant of rank 1 of smollm2's int8 flatbuffer by +-1 ulp: the flatbuffer's
+    logits move by 0.08 (the very drift an AVX-512 VNNI host showed: prompt 1 position 12 token 37), and its
+    committed golden still passes; the float flatbuffer, perturbed the same way, moves by ~1e-5 only."""
+    from harness.runners import TFLiteRunner, run_trajectory
+
+    pair, report = pairs["smollm2"], pair_report("smollm2")
+    outputs = dict(report.outputs)
+    for stage in (stages.TFLITE_FLOAT, stages.tflite_stage("dynamic_int8")):
+        moved = tmp_path / f"{stage}.tflite"
+        assert variants.ulp_perturbed(report.outputs["artifacts"][stage], moved, seed=0) > 0
+        runner = TFLiteRunner(moved, pair.export.prefill_lens, pair.export.kv_cache_max)
+        outputs[stage] = [run_trajectory(runner, t) for t in report.outputs["trajectories"]]
+    results = by_stage(golden.GoldenCheck()(pair, outputs, options))
+    flt, int8 = results[stages.TFLITE_FLOAT], results[stages.tflite_stage("dynamic_int8")]
+    assert flt.status == PASS and flt.metrics["max_abs_err"] < 1e-4, flt.message
+    assert int8.metrics["max_abs_err"] > 0.05, "the emulated CPU no longer moves this stage: pick another seed"
+    assert int8.status == PASS, int8.message
+    assert int8.metrics["changed"] and "worst at prompt" in int8.message  # it moved, and the message says where
+
+
+def test_the_message_names_another_cpu(tiny_llama, tiny_llama_report, options, recorded, tmp_path):
+    doc = golden.load(recorded, tiny_llama)
+    doc["provenance"]["host"]["isa"] = [*isa_features(), "avx512f", "avx512_vnni"]
+    golden.save(tmp_path, doc)
+    results = by_stage(golden.GoldenCheck(tmp_path)(tiny_llama, tiny_llama_report.outputs, options))
+    assert all(r.status == PASS for r in results.values())
+    assert "another CPU: recorded with avx512_vnni, avx512f" in results["tflite_dynamic_int8"].message
+
+
+def test_a_tanh_erf_gelu_switch_fails_the_float_golden(pairs, pair_report, options):
+    """The drift golden float stages exist to catch: phi2's StableHLO with its GELU bodies as lowered (erf)
+    against the golden recorded with the converter's tanh GELU moves by ~7e-4."""
+    from harness.lowering import StableHLORunner, lower_programs
+    from harness.runners import run_trajectory
+
+    pair, report = pairs["phi2"], pair_report("phi2")
+    programs = report.outputs["programs"]
+    _, _, bodies = lower_programs(programs, bodies_of=tuple(programs))
+    runner = StableHLORunner(bodies, pair.export.prefill_lens, pair.export.kv_cache_max)
+    outputs = {**report.outputs, stages.STABLEHLO: [run_trajectory(runner, t) for t in report.outputs["trajectories"]]}
+    r = by_stage(golden.GoldenCheck()(pair, outputs, options))[stages.STABLEHLO]
+    assert r.status == FAIL and r.metrics["max_abs_err"] > 3e-4, r.message
 
 
 def test_a_stage_without_a_golden_is_a_skip_or_in_release_mode_an_error(tiny_llama, tiny_llama_report, options,
@@ -190,7 +243,7 @@ def test_a_broken_golden_is_an_error_naming_the_file_and_the_fix(breakage, expec
     [r] = golden.GoldenCheck(directory)(tiny_llama, tiny_llama_report.outputs, options)
     assert (r.stage, r.check, r.status) == (golden.GOLDEN, golden.GOLDEN, ERROR)
     assert expected in r.message, r.message
-    assert str(golden.golden_path(directory, "tiny_llama")) in r.message
+    assert display_path(golden.golden_path(directory, "tiny_llama")) in r.message
     assert "harness golden update --models tiny_llama" in r.message
     with pytest.raises(GoldenError):
         golden.load(directory, tiny_llama)
@@ -232,12 +285,12 @@ def test_release_summary_says_what_moved_and_whether_within_budget(tmp_path):
     document = {"schema_version": 1, "run": {}, "models": {},
                 "results": [result("tflite_float", PASS, 1e-5, False), result("tflite_dynamic_int8", FAIL, 0.2, True),
                             CheckResult("m", "reauthored", "logits", PASS).to_json(),
-                            result("stablehlo", "xfail", 0.3, True)]}  # an expected-failure pair's drift
+                            result("stablehlo", "xfail", 0.3, True)]}  # inside a declared defect's band
     path = golden.write_release(tmp_path, document)
     release = json.loads((tmp_path / "parity.json").read_text())["release"]
     assert release["ready"] is False and release["changed"] == ["m/tflite_dynamic_int8", "m/stablehlo"]
     assert release["versions_changed"] == ["litert-torch 0.10.0 (golden) -> 0.11.0 (now)"]
-    assert [row["within_budget"] for row in release["stages"]] == [True, False, False]
+    assert [row["within_budget"] for row in release["stages"]] == [True, False, True]
     assert release["models"]["m"] == {"changed_stages": ["tflite_dynamic_int8", "stablehlo"], "within_budget": False,
                                       "parity_failures": 0}
     text = path.read_text()

@@ -19,7 +19,7 @@ def test_parity_json_has_the_promised_fields(tmp_path):
     assert {"torch", "litert-torch", "ai-edge-litert", "transformers"} <= set(data["run"]["versions"])
     assert {"cpu", "cores", "platform"} <= set(data["run"]["host"])
     for record in data["results"]:
-        assert set(record) == {"model", "stage", "check", "status", "metrics", "threshold", "message"}
+        assert set(record) == {"model", "stage", "check", "status", "metrics", "threshold", "message", "defect"}
     assert not list(tmp_path.glob(".parity.json.*")), "no temp file left behind"
 
 
@@ -30,9 +30,10 @@ def test_summary_shows_threshold_beside_value_and_verdict():
     assert "1e-06 (≤0.0001)" in text
 
 
-def test_verdict_ignores_skips_and_expected_failures():
-    doc = {"results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}]}
+def test_verdict_ignores_skips_bounded_expected_failures_and_informational_records():
+    doc = {"results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}, {"status": "info"}]}
     assert report.verdict(doc) == "pass"
+    assert report.counts(doc["results"]) == "1 pass, 1 skip, 1 xfail, 1 info"  # info is never counted as a pass
     doc["results"].append({"status": "error"})
     assert report.verdict(doc) == "fail"
 

@@ -55,3 +55,114 @@ def fails_to_export(checkpoint_path, custom_loader=None, mask_cache_size=0):
 
 def variant(builder, **changes):
     return dataclasses.replace(tiny_llama.PAIR, name=f"tiny_llama_{builder.__name__}", reauthored=builder, **changes)
+
+
+# --- each family's distinguishing feature, broken at re-authoring ---------------------------------------
+
+def broken(pair, name: str, change):
+    """`pair` re-authored from its own config after `change(config)`: a re-authoring defect of one feature."""
+    config_fn, tensor_names, model_class = pair.reauthored.args  # harness.reauthor.decoder_builder's partial
+
+    def config():
+        c = config_fn()
+        change(c)
+        return c
+
+    return dataclasses.replace(pair, name=f"{pair.name}_{name}", reauthored=decoder_builder(config, tensor_names,
+                                                                                           model_class))
+
+
+def _blocks(config):
+    return config.block_configs if isinstance(config.block_configs, list) else [config.block_configs]
+
+
+def _no_final_softcap(c):
+    c.final_logit_softcap = None
+
+
+def _no_attention_softcap(c):
+    for b in _blocks(c):
+        b.attn_config.logit_softcap = None
+
+
+def _every_layer_global(c):
+    from litert_torch.generative.layers import model_config as cfg
+
+    for b in _blocks(c):
+        b.attn_config.attn_type = cfg.AttentionType.GLOBAL
+
+
+def _window_doubled(c):
+    for b in _blocks(c):
+        if b.attn_config.sliding_window_size:
+            b.attn_config.sliding_window_size *= 2
+
+
+def _no_qk_norm(c):
+    from litert_torch.generative.layers import model_config as cfg
+
+    for b in _blocks(c):
+        b.attn_config.query_norm_config = cfg.NormalizationConfig(cfg.NormalizationType.NONE)
+        b.attn_config.key_norm_config = cfg.NormalizationConfig(cfg.NormalizationType.NONE)
+
+
+def _full_rotary(c):
+    for b in _blocks(c):
+        b.attn_config.rotary_percentage = 1.0
+
+
+def _no_qkv_bias(c):
+    for b in _blocks(c):
+        b.attn_config.qkv_use_bias = False
+
+
+def _untied_head(c):
+    c.lm_head_share_weight_with_embedding = False
+
+
+# (pair, defect name, change, the checks at `reauthored` it must fail)
+FAMILY_DEFECTS = (
+    ("gemma2", "no_final_softcap", _no_final_softcap, ("logits",)),
+    ("gemma2", "no_attention_softcap", _no_attention_softcap, ("logits",)),
+    ("gemma2", "every_layer_global", _every_layer_global, ("logits",)),
+    ("gemma3", "window_doubled", _window_doubled, ("logits",)),
+    # without QK norms the checkpoint's q_norm/k_norm tensors have no module: qwen3's strict loader refuses
+    # them; gemma3's (tied head: non-strict) maps them and load_state_dict drops them, which coverage reports
+    ("qwen3", "no_qk_norm", _no_qk_norm, ("weight_coverage",)),
+    ("gemma3", "no_qk_norm", _no_qk_norm, ("weight_coverage", "logits")),
+    ("phi2", "full_rotary", _full_rotary, ("logits",)),
+    ("qwen2_5", "no_qkv_bias", _no_qkv_bias, ("logits", "weight_coverage")),
+    # an untied head the checkpoint has no tensor for: litert-torch's strict loader refuses the model
+    ("smollm2", "untied_head", _untied_head, ("weight_coverage",)),
+)
+
+
+# --- another CPU's float rounding, emulated --------------------------------------------------------------
+
+def ulp_perturbed(path, out, seed: int = 0) -> int:
+    """Writes a copy of a flatbuffer whose float32 constants of rank 1 (norm scales, biases) moved by -1, 0 or
+    +1 ulp each, at random: the size of the difference between two CPUs' float kernels. Returns how many
+    tensors moved."""
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    rng, done = np.random.default_rng(seed), set()
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            buffer = model.buffers[tensor.buffer]
+            if (tensor.type != 0 or tensor.shape is None or len(tensor.shape) != 1 or tensor.buffer in done
+                    or buffer.data is None or len(buffer.data) == 0):
+                continue
+            done.add(tensor.buffer)
+            values = np.frombuffer(bytes(buffer.data), np.float32)
+            step = rng.integers(-1, 2, values.size)
+            moved = np.where(step > 0, np.nextafter(values, np.float32(np.inf)),
+                             np.where(step < 0, np.nextafter(values, np.float32(-np.inf)), values))
+            moved = np.where(np.isfinite(values), moved, values).astype(np.float32)  # a -inf mask value stays
+            buffer.data = np.frombuffer(moved.tobytes(), np.uint8)
+    for buffer in model.buffers:  # offset-stored buffers come back as bytes: write them as arrays
+        if buffer.data is not None and not isinstance(buffer.data, np.ndarray):
+            buffer.data = np.frombuffer(buffer.data, np.uint8)
+    flatbuffer_utils.write_model(model, str(out))
+    return len(done)

@@ -1,0 +1,93 @@
+"""The artifact cache: keys cover the code that builds an artifact, private builds never publish, damage is rebuilt."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from harness import provenance
+from harness.cache import ArtifactCache, cache_key
+from harness.checkpoint import checkpoint_key
+
+
+@pytest.fixture
+def fake_library(tmp_path, monkeypatch):
+    """An installed distribution `fakeconv` (dist-info + package) on sys.path, as pip would lay it out."""
+    site = tmp_path / "site"
+    package = site / "fakeconv"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VERSION = '1.0'\n")
+    (package / "lower.py").write_text("def lower(x):\n    return x\n")
+    info = site / "fakeconv-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeconv\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("fakeconv\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield package
+    sys.modules.pop("fakeconv", None)
+
+
+def test_a_patched_library_with_the_same_version_gets_another_digest(fake_library, tmp_path):
+    memo = tmp_path / "memo.json"
+    before = provenance.code_digests(memo, ("fakeconv",))["fakeconv"]
+    assert provenance.code_digests(memo, ("fakeconv",))["fakeconv"] == before  # same files, same digest
+    (fake_library / "lower.py").write_text("def lower(x):\n    return 2 * x  # a converter fix under test\n")
+    after = provenance.code_digests(memo, ("fakeconv",))["fakeconv"]
+    assert after != before
+    assert json.loads(memo.read_text())["fakeconv"]["digest"] == after
+    assert provenance.code_digests(None, ("nothing-installed",)) == {"nothing-installed": "absent"}
+
+
+def test_every_converter_library_is_in_the_conversion_key(cache):
+    libraries = cache.code_digests()
+    assert set(libraries["code"]) == set(provenance.CONVERTER_LIBRARIES)
+    assert all(len(d) == 64 for d in libraries["code"].values()), libraries["code"]
+    assert {"torch", "transformers"} <= set(libraries["versions"])
+
+
+def test_the_checkpoint_key_covers_the_init_code(tiny_llama, monkeypatch):
+    from harness import checkpoint
+
+    before = checkpoint_key(tiny_llama)
+
+    def sensitize(model, std, seed):  # another init: the same name, other code
+        return None
+
+    monkeypatch.setattr(checkpoint, "sensitize", sensitize)
+    assert cache_key(checkpoint_key(tiny_llama)) != cache_key(before)
+
+
+def _build(text):
+    def build(out):
+        (out / "artifact.bin").write_text(text)
+    return build
+
+
+def test_a_damaged_entry_is_rebuilt_not_served(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    entry = cache.get_or_build("tflite", {"k": 1}, _build("good"))
+    (entry / "artifact.bin").write_text("goo")  # truncated
+    again = ArtifactCache(tmp_path)
+    entry = again.get_or_build("tflite", {"k": 1}, _build("good"))
+    assert (entry / "artifact.bin").read_text() == "good"
+    assert again.rebuilt == [f"tflite/{cache_key({'k': 1})}"] and again.misses == again.rebuilt
+    third = ArtifactCache(tmp_path)
+    third.get_or_build("tflite", {"k": 1}, _build("good"))
+    assert third.hits and not third.rebuilt
+
+
+def test_a_private_cache_never_publishes_nor_replaces_a_shared_entry(tmp_path):
+    shared = ArtifactCache(tmp_path)
+    entry = shared.get_or_build("tflite", {"k": 1}, _build("shared"))
+    stamp = (entry / "artifact.bin").stat().st_mtime_ns
+    with ArtifactCache(tmp_path, shared=False) as private:
+        built = private.get_or_build("tflite", {"k": 1}, _build("patched library's output"))
+        assert (built / "artifact.bin").read_text() == "patched library's output"
+        assert private.misses and not private.hits  # a private run always builds afresh
+        other = private.get_or_build("tflite", {"k": 2}, _build("new"))
+        assert not str(other).startswith(str(tmp_path))
+    assert not built.exists()  # removed with the run
+    assert (entry / "artifact.bin").read_text() == "shared" and (entry / "artifact.bin").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "tflite" / cache_key({"k": 2})).exists()
