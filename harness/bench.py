@@ -11,9 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -95,17 +92,14 @@ def resolve_artifacts(pairs: list[ModelPair], recipes: tuple[str, ...] | None, c
 
 
 def run_job(job: dict, timeout: float = 3600) -> dict:
-    """One measurement in a fresh Python process; its failure is raised with the end of its output."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job, default=str))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        proc = subprocess.run([sys.executable, "-m", "harness.bench_worker", str(job_path), str(result_path)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-        if proc.returncode != 0 or not result_path.exists():
-            tail = " | ".join(line for line in (proc.stdout + proc.stderr).splitlines()[-12:] if line.strip())
-            raise RuntimeError(f"bench job {job['kind']} exited with {proc.returncode}: {tail[-1500:]}")
-        return json.loads(result_path.read_text())
+    """One measurement in a fresh Python process (harness.child); its failure is raised with the end of its output."""
+    from harness import child
+
+    try:
+        return child.run(f"bench_{job['kind']}", job, timeout=timeout)
+    except child.ChildFailed as failure:
+        raise RuntimeError(f"bench job {job['kind']} exited with {failure.code}: "
+                           + " | ".join(t for t in failure.tail if t.strip())[-1500:]) from None
 
 
 def derived(record: dict, bandwidth_gbs: float, weight_bytes: int, pytorch: dict | None) -> dict:

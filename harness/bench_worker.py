@@ -1,15 +1,13 @@
-"""One measurement in a fresh process: `python -m harness.bench_worker JOB.json RESULT.json`.
+"""One measurement in a fresh process (a `bench_<kind>` job of harness.child).
 
-A job is a small JSON dict; its `kind` picks a measure_* function. Each runs alone in its
+A job is a small JSON dict; its kind picks a measure_* function. Each runs alone in its
 process so that one artifact's packed weights, allocator state or warm caches never
 flatter or burden the next one.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -90,7 +88,7 @@ class CompiledRunner:
         return step
 
 
-def measure_tflite(job: dict) -> dict:
+def measure_tflite(job: dict, channel=None) -> dict:
     """Creation, first run, peak RSS, prefill and decode latency of the runtime, then the binding's overhead."""
     path, threads = job["path"], job["threads"]
     prefill_lens = sorted(job["prefill_lens"])
@@ -167,7 +165,7 @@ def measure_binding(job: dict) -> dict:
     return {"create_ms": create_ms, "prefill": prefill, "decode": decode}
 
 
-def measure_quick(job: dict) -> dict:
+def measure_quick(job: dict, channel=None) -> dict:
     """What the gate compares: decode and largest-prefill tokens/s of the runtime, nothing else."""
     runner = CompiledRunner(job["path"], job["threads"])
     length = max(job["prefill_lens"])
@@ -178,7 +176,7 @@ def measure_quick(job: dict) -> dict:
             "prefill_tokens_per_s": length / prefill["median_ms"] * 1e3}
 
 
-def measure_reauthored(job: dict) -> dict:
+def measure_reauthored(job: dict, channel=None) -> dict:
     """The re-authored PyTorch model on the same prompts and threads, for context."""
     import torch
 
@@ -211,7 +209,7 @@ def measure_reauthored(job: dict) -> dict:
     return {"prefill": prefill, "decode": decode}
 
 
-def measure_bandwidth(job: dict) -> dict:
+def measure_bandwidth(job: dict, channel=None) -> dict:
     """Memory bandwidth of this machine: best of a few copies of an array far larger than any cache.
 
     Counted STREAM-style as bytes read plus bytes written per copy, on one thread (numpy's copy).
@@ -224,22 +222,7 @@ def measure_bandwidth(job: dict) -> dict:
     return {"array_bytes": size, "copy_gbs": 2 * size / best_copy / 1e9, "read_gbs": size / best_read / 1e9}
 
 
-def measure_delegation(job: dict) -> dict:
+def measure_delegation(job: dict, channel=None) -> dict:
     from harness.bench_delegation import delegation
 
     return delegation(Path(job["path"]), job.get("threads", 1))
-
-
-MEASURES = {"tflite": measure_tflite, "quick": measure_quick, "reauthored": measure_reauthored,
-            "bandwidth": measure_bandwidth, "delegation": measure_delegation}
-
-
-def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
-    result = MEASURES[job["kind"]](job)
-    Path(argv[1]).write_text(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

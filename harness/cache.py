@@ -9,6 +9,7 @@ directory of its own and never publishes to the shared one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-DEFAULT_ROOT = Path(os.environ.get("EDGE_PARITY_CACHE", Path.home() / ".cache" / "edge-parity"))
 MANIFEST = "manifest.json"  # {file name: sha256} of an entry, written when it is built
 KEY_FILE = "key.json"
 CODE_DIGESTS = "code-digests.json"  # the memo of provenance.code_digests
@@ -58,7 +58,9 @@ class ArtifactCache:
     """
 
     def __init__(self, root: Path | None = None, shared: bool = True):
-        self.root = Path(root) if root else DEFAULT_ROOT
+        from harness.config import default_cache_dir
+
+        self.root = Path(root) if root else Path(default_cache_dir())
         self.shared = shared
         self._private = None if shared else Path(tempfile.mkdtemp(prefix="edge-parity-private-"))
         self.hits: list[str] = []
@@ -123,6 +125,17 @@ class ArtifactCache:
         except (OSError, json.JSONDecodeError):
             return None
         return manifest if isinstance(manifest, dict) else None
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Counts what happens inside the block: {hits, misses, rebuilt_damaged} (one pair's share of a run)."""
+        tally = {"hits": 0, "misses": 0, "rebuilt_damaged": 0}
+        before = (len(self.hits), len(self.misses), len(self.rebuilt))
+        try:
+            yield tally
+        finally:
+            now = (len(self.hits), len(self.misses), len(self.rebuilt))
+            tally.update(zip(tally, (b - a for a, b in zip(before, now))))
 
     def close(self) -> None:
         """Removes a private cache's directory; the shared cache stays."""

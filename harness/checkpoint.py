@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.cache import ArtifactCache, dir_digest
+from harness.cache import ArtifactCache
 from harness.errors import CheckpointError, HarnessError
 from harness.pairs import ModelPair, describe
 from harness.records import library_versions

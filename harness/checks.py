@@ -47,10 +47,10 @@ def logit_errors(candidate: list[np.ndarray], reference: list[np.ndarray]) -> di
     }
 
 
-def compare_logits(model: str, stage: str, candidate, reference, gate: Gate) -> CheckResult:
+def compare_logits(model: str, stage: str, candidate, reference, gate: Gate, parent: str) -> CheckResult:
+    """A stage's logits against those of the stage it was derived from (`parent`)."""
     metrics = logit_errors(candidate, reference)
-    detail = (f"worst at prompt {metrics['worst_prompt']} position {metrics['worst_position']} "
-              f"vs {stages.parent_stage(stage)}")
+    detail = f"worst at prompt {metrics['worst_prompt']} position {metrics['worst_position']} vs {parent}"
     return verdict(model, stage, stages.LOGITS, metrics, gate, detail)
 
 

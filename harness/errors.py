@@ -5,10 +5,6 @@ class HarnessError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
 
-class UnknownModelError(HarnessError):
-    pass
-
-
 class GatesError(HarnessError):
     pass
 

@@ -73,7 +73,7 @@ class Gates:
 
     def _stage_defaults(self, stage: str) -> dict[str, Thresholds]:
         table = self.defaults.get(stage)
-        if table is None and stage.startswith(stages.TFLITE_PREFIX) and stage != stages.TFLITE_FLOAT:
+        if table is None and stages.is_quantized(stage):
             table = self.defaults.get(QUANTIZED_FALLBACK)
         return table or {}
 

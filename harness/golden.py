@@ -76,10 +76,10 @@ def _round(x: float, decimals: int) -> float:
     return round(float(x), decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def stage_names(outputs: dict[str, Any]) -> list[str]:
+def stage_names(logits: dict[str, Any]) -> list[str]:
     """The stages that produced logits, in pipeline order."""
     quant = [stages.tflite_stage(r) for r in stages.QUANT_RECIPES]
-    return [s for s in (*stages.FLOAT_STAGES, *quant) if s in outputs]
+    return [s for s in (*stages.FLOAT_STAGES, *quant) if s in logits]
 
 
 # ---------------------------------------------------------------- recording
@@ -109,16 +109,15 @@ def parity_of(results: list[CheckResult], stage: str) -> tuple[str, list[str]]:
     return PASS, []
 
 
-def record(pair: ModelPair, outputs: dict[str, Any], results: list[CheckResult], gates: Gates, *,
-           recorded: str, versions: dict[str, str] | None = None, forced: str | None = None,
+def record(pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories, results: list[CheckResult],
+           gates: Gates, *, recorded: str, versions: dict[str, str] | None = None, forced: str | None = None,
            isa: list[str] | None = None) -> dict:
-    """A golden document from one run's outputs; key order is fixed here, so output is reproducible."""
-    trajectories = outputs["trajectories"]
+    """A golden document from one run's logits per stage; key order is fixed here, so output is reproducible."""
     entries = {}
-    for stage in stage_names(outputs):
+    for stage in stage_names(logits):
         status, _ = parity_of(results, stage)
         gates_in_force = gates.stage_table(pair.name, stage)
-        entries[stage] = {"parity": status, "gates": gates_in_force, **record_stage(outputs[stage], trajectories)}
+        entries[stage] = {"parity": status, "gates": gates_in_force, **record_stage(logits[stage], trajectories)}
     failing = {s: parity_of(results, s)[1] for s in _failing_stages(results)}
     provenance = {
         "recorded": recorded,
@@ -387,26 +386,26 @@ def _check_prompts(golden: dict, path: Path, model: str, trajectories) -> None:
                           f"`{update_command(model)}`")
 
 
-def compare(golden: dict, path: Path, pair: ModelPair, outputs: dict[str, Any], gates: Gates,
-            versions: dict[str, str] | None = None, strict: bool = False,
+def compare(golden: dict, path: Path, pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories,
+            gates: Gates, versions: dict[str, str] | None = None, strict: bool = False,
             isa: list[str] | None = None) -> list[CheckResult]:
     """One `golden` result per stage that ran: drift from the golden held to [*.<stage>.golden] gates."""
-    _check_prompts(golden, path, pair.name, outputs["trajectories"])
+    _check_prompts(golden, path, pair.name, trajectories)
     changes = provenance_changes(golden, pair, versions, isa)
     recorded = f"{display_path(path)} (recorded {golden['provenance'].get('recorded', '?')})"
     half = 0.5 * 10 ** -golden["format"]["decimals"]
     results = []
-    for stage in stage_names(outputs):
+    for stage in stage_names(logits):
         entry = golden["stages"].get(stage)
         if entry is None:
             command = update_command(pair.name)
-            if stage.startswith(stages.TFLITE_PREFIX) and stage != stages.TFLITE_FLOAT:
-                command += f" --quant {stage[len(stages.TFLITE_PREFIX):]}"
+            if stages.is_quantized(stage):
+                command += f" --quant {stages.recipe_of(stage)}"
             results.append(CheckResult(pair.name, stage, GOLDEN, ERROR if strict else SKIP,
                                        message=f"{display_path(path)} has no golden for stage {stage}; "
                                                f"record it with `{command}`"))
             continue
-        drift = stage_drift(entry, outputs[stage], golden, outputs["trajectories"])
+        drift = stage_drift(entry, logits[stage], golden, trajectories)
         metrics = {k: drift[k] for k in ("max_abs_err", "mean_kl", "max_kl", "top5_overlap", "top1", "greedy_match",
                                          "max_stats_err", "positions")}
         metrics["changed"] = bool(drift["max_abs_err"] > 2 * half or drift["max_stats_err"] > 2 * half
@@ -421,13 +420,17 @@ def compare(golden: dict, path: Path, pair: ModelPair, outputs: dict[str, Any], 
 
 @dataclasses.dataclass
 class GoldenCheck:
-    """The `golden` extra check: (pair, outputs, options) -> one result per stage."""
+    """The `golden` extra check: one result per stage that produced logits."""
 
     golden_dir: Path = DEFAULT_GOLDEN_DIR
     strict: bool = False  # --against golden: a missing golden is an error, not a skip
-    stage = GOLDEN
+    name = GOLDEN
 
-    def __call__(self, pair: ModelPair, outputs: dict[str, Any], options) -> list[CheckResult]:
+    def __call__(self, state) -> list[CheckResult]:
+        return self.check(state.pair, state.logits, state.trajectories, state.options.gates)
+
+    def check(self, pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories, gates: Gates) -> list[CheckResult]:
+        """The pair's logits per stage against its golden; a missing or broken golden is one record saying so."""
         try:
             doc = load(self.golden_dir, pair)
         except MissingGolden as e:
@@ -435,7 +438,7 @@ class GoldenCheck:
         except GoldenError as e:
             return [CheckResult(pair.name, GOLDEN, GOLDEN, ERROR, message=str(e))]
         try:
-            return compare(doc, golden_path(self.golden_dir, pair.name), pair, outputs, options.gates,
+            return compare(doc, golden_path(self.golden_dir, pair.name), pair, logits, trajectories, gates,
                            strict=self.strict)
         except GoldenError as e:
             return [CheckResult(pair.name, GOLDEN, GOLDEN, ERROR, message=str(e))]
@@ -527,7 +530,7 @@ def recipes_to_record(pair: ModelPair, golden_dir: Path, extra: tuple[str, ...] 
         held = parse(path.read_text(), display_path(path), pair.name)["stages"] if path.exists() else {}
     except GoldenError:
         held = {}
-    wanted |= {s[len(stages.TFLITE_PREFIX):] for s in held if s.startswith(stages.TFLITE_PREFIX)}
+    wanted |= {stages.recipe_of(s) for s in held if stages.is_quantized(s)}
     return tuple(r for r in stages.QUANT_RECIPES if r in wanted and r in pair.quant_recipes)
 
 
@@ -544,7 +547,8 @@ class UpdateOutcome:
     refused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage -> failing checks
 
 
-def update(pair: ModelPair, outputs: dict[str, Any], results: list[CheckResult], gates: Gates, golden_dir: Path,
+def update(pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories, results: list[CheckResult],
+           gates: Gates, golden_dir: Path,
            force_reason: str | None = None, today: str | None = None,
            versions: dict[str, str] | None = None) -> UpdateOutcome:
     """Re-records a pair's golden unless a stage fails parity (and no reason forces it); keeps the
@@ -556,7 +560,7 @@ def update(pair: ModelPair, outputs: dict[str, Any], results: list[CheckResult],
         if status == FAIL:
             failing[stage] = messages
     detail = "; ".join(f"{s}: {' / '.join(m)[:300]}" for s, m in failing.items())
-    if "trajectories" not in outputs:
+    if not trajectories:
         return UpdateOutcome(pair.name, path, "refused", f"{display_path(path)}: refused, the HF reference produced no "
                              f"outputs, so there is nothing to record ({detail})", failing)
     if failing and not force_reason:
@@ -564,7 +568,7 @@ def update(pair: ModelPair, outputs: dict[str, Any], results: list[CheckResult],
                              f"{display_path(path)}: refused, stages fail parity ({detail}); fix them, or record anyway with "
                              f"`harness golden update --models {pair.name} --force --reason \"why\"`", failing)
     today = today or datetime.date.today().isoformat()
-    new = record(pair, outputs, results, gates, recorded=today, versions=versions, forced=force_reason)
+    new = record(pair, logits, trajectories, results, gates, recorded=today, versions=versions, forced=force_reason)
     try:
         old = parse(path.read_text(), display_path(path), pair.name) if path.exists() else None
     except GoldenError:

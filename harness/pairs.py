@@ -15,7 +15,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.errors import HarnessError, UnknownModelError
+from harness.errors import HarnessError
 from harness.stages import CHECKS_AT, DEFAULT_QUANT, GATED_METRICS, QUANT_RECIPES
 
 

@@ -1,41 +1,264 @@
-"""Runs one model pair through every stage and every check; a failing stage never stops the others."""
+"""Runs one model pair through every stage and every check; a failing stage never stops the others.
+
+Stages are a table (`STAGES`, plus one `recipe_stage` per quant recipe): each names the stage it is
+compared with, the stages it needs, and a function from the typed run state to its records. Adding a
+stage is one entry and one function. Extra checks (properties, goldens, real text) run after every
+stage, by name, over the same state.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
 
 from harness import checks, stages
 from harness.cache import ArtifactCache
-from harness.checkpoint import attention_entropy_ratio, build_reauthored, load_hf, reference_checkpoint
-from harness.convert import FLOAT, convert
+from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
-from harness.gates import Gate, Gates, gate_for
-from harness.lowering import (StableHLORunner, converter_signatures, custom_calls, export_programs, fits_inline,
-                              lower_programs)
+from harness.gates import Gate, Gates, gate_for, load_gates
 from harness.memory import peak_rss_mb, release_freed
 from harness.pairs import ModelPair
 from harness.paths import scrub
 from harness.records import ERROR, SKIP, CheckResult
-from harness.runners import ExportedRunner, ReauthoredRunner, TFLiteRunner, run_trajectory, signature_for
-from harness.workload import greedy_trajectory, make_prompts
+from harness.workload import Trajectory
+
+
+class ExtraCheck(Protocol):
+    """A check that runs once every stage has run, over the whole run state (goldens, properties, real text)."""
+
+    name: str  # its timing and progress line go under this name; a pair's skipped_checks name it
+
+    def __call__(self, state: RunState) -> list[CheckResult]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """A run of pairs in memory: its configuration, the gates and cache it opened, the extra checks."""
+
+    config: RunConfig
+    gates: Gates
+    cache: ArtifactCache
+    extra_checks: tuple[ExtraCheck, ...] = ()
+
+    @classmethod
+    def open(cls, config: RunConfig, extra_checks: tuple[ExtraCheck, ...] = ()) -> RunOptions:
+        return cls(config, load_gates(Path(config.gates)), ArtifactCache(Path(config.cache_dir), config.shared_cache),
+                   extra_checks)
+
+    def derive(self, **changes: Any) -> RunOptions:
+        """The same run with some settings changed: configuration fields, or gates, cache, extra_checks."""
+        own = {k: changes.pop(k) for k in ("gates", "cache", "extra_checks") if k in changes}
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes), **own)
+
+    @property
+    def quant(self) -> tuple[str, ...] | None:
+        return self.config.quant
+
+    @property
+    def stages(self) -> tuple[str, ...] | None:
+        return self.config.stages
+
+    @property
+    def num_threads(self) -> int:
+        return self.config.num_threads
 
 
 @dataclasses.dataclass
-class RunOptions:
-    gates: Gates
-    cache: ArtifactCache
-    quant: tuple[str, ...] | None = None  # None: the pair's default recipes
-    num_threads: int = 2
-    stages: tuple[str, ...] | None = None  # None: all; hf and reauthored always run
-    # Extra checks run once every stage has run: (pair, outputs, options) -> results.
-    # They see each stage's logits (outputs[stage]) and runner (outputs["runners"][stage]).
-    extra_checks: tuple[Callable[..., list[CheckResult]], ...] = ()
+class RunState:
+    """What one pair's run has produced so far: stages extend it, later stages and extra checks read it."""
 
-    def wants(self, stage: str) -> bool:
-        return self.stages is None or stage in self.stages
+    pair: ModelPair
+    options: RunOptions
+    checkpoint: Path | None = None  # the saved HF checkpoint
+    trajectories: list[Trajectory] = dataclasses.field(default_factory=list)  # HF's greedy runs
+    model: Any = None  # the re-authored torch module
+    programs: dict[str, Any] = dataclasses.field(default_factory=dict)  # torch.export programs by signature
+    logits: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)  # stage -> one array per prompt
+    runners: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage -> runner later checks may call
+    artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # stage -> flatbuffer
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    completed: set[str] = dataclasses.field(default_factory=set)  # stages that ran to their records
+
+    def gate(self, stage: str, check: str) -> Gate:
+        return gate_for(self.options.gates, self.pair, stage, check)
+
+    def run_trajectories(self, stage: str, runner) -> list[np.ndarray]:
+        """The runner along every HF trajectory; kept as the stage's runner for later checks."""
+        from harness.runners import run_trajectory
+
+        self.runners[stage] = runner
+        return [run_trajectory(runner, t) for t in self.trajectories]
+
+    def compare_with_parent(self, stage: str, parent: str, logits: list[np.ndarray]) -> list[CheckResult]:
+        return [checks.compare_logits(self.pair.name, stage, logits, self.logits[parent], self.gate(stage, stages.LOGITS),
+                                      parent),
+                checks.compare_greedy(self.pair.name, stage, logits, self.trajectories, self.gate(stage, stages.GREEDY))]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage: what it is compared with, the stages it needs, and how it turns the run state into records."""
+
+    name: str
+    parent: str | None
+    needs: tuple[str, ...]
+    run: Callable[[RunState], list[CheckResult]]
+
+
+# ---------------------------------------------------------------- the stages
+
+def run_hf(state: RunState) -> list[CheckResult]:
+    """The reference: its checkpoint, its greedy trajectories and logits, and whether it is sensitive."""
+    from harness.checkpoint import attention_entropy_ratio, load_hf, reference_checkpoint
+    from harness.workload import greedy_trajectory, make_prompts
+
+    pair, cache = state.pair, state.options.cache
+    state.checkpoint = reference_checkpoint(pair, cache)
+    state.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(cache, state.checkpoint)
+    model = load_hf(pair, state.checkpoint)
+    prompts = make_prompts(pair)
+    runs = [greedy_trajectory(model, p, pair.workload.new_tokens) for p in prompts]
+    state.trajectories = [t for t, _ in runs]
+    state.logits[stages.HF] = [logits for _, logits in runs]
+    ratio = attention_entropy_ratio(model, prompts)
+    return [checks.sensitivity(pair.name, ratio, state.gate(stages.HF, stages.SENSITIVITY))]
+
+
+def run_reauthored(state: RunState) -> list[CheckResult]:
+    """The litert-torch model loaded from the checkpoint, its weight coverage, and its logits against HF."""
+    from harness.checkpoint import build_reauthored
+    from harness.runners import ReauthoredRunner
+
+    pair, export = state.pair, state.pair.export
+    state.model, coverage = build_reauthored(pair, state.checkpoint, export.kv_cache_max)
+    logits = state.run_trajectories(stages.REAUTHORED, ReauthoredRunner(state.model, export.kv_cache_max))
+    state.logits[stages.REAUTHORED] = logits
+    return [checks.weight_coverage(pair.name, coverage, state.gate(stages.REAUTHORED, stages.WEIGHT_COVERAGE)),
+            *state.compare_with_parent(stages.REAUTHORED, stages.HF, logits)]
+
+
+def run_exported(state: RunState) -> list[CheckResult]:
+    """The torch.export programs of the converter's signatures."""
+    from harness.lowering import converter_signatures, export_programs
+    from harness.runners import ExportedRunner
+
+    export = state.pair.export
+    state.programs = export_programs(converter_signatures(state.model, export.prefill_lens, export.kv_cache_max))
+    runner = ExportedRunner(state.programs, state.model.config, export.prefill_lens, export.kv_cache_max)
+    logits = state.logits[stages.EXPORTED] = state.run_trajectories(stages.EXPORTED, runner)
+    return state.compare_with_parent(stages.EXPORTED, stages.REAUTHORED, logits)
+
+
+def run_stablehlo(state: RunState) -> list[CheckResult]:
+    """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
+    what the composite bodies as lowered would change (composite_body)."""
+    from harness.lowering import StableHLORunner, custom_calls, fits_inline, lower_programs
+    from harness.runners import signature_for
+
+    pair, export = state.pair, state.pair.export
+    inline = fits_inline(state.model)
+    first = state.trajectories[0]
+    probe = f"prefill_{signature_for(first.prompt_len, export.prefill_lens)}"
+    lowered, resolved, bodies = lower_programs(state.programs, inline_weights=inline, bodies_of=(probe,))
+    state.notes["stablehlo_markers_resolved"] = resolved
+    state.notes["stablehlo_weights"] = "inlined as constants" if inline else (
+        "function arguments: inlined, the module would pass XlaCallModule's 2 GiB limit")
+    left = custom_calls(lowered)
+    if left:
+        raise HarnessError(f"cannot execute the lowered StableHLO: custom calls with no XLA kernel remain "
+                           f"({', '.join(left)}); teach harness/lowering.py to resolve them")
+    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+    logits = state.logits[stages.STABLEHLO] = state.run_trajectories(stages.STABLEHLO, runner)
+    # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
+    del state.runners[stages.STABLEHLO]
+    results = state.compare_with_parent(stages.STABLEHLO, stages.EXPORTED, logits)
+    if resolved["tanh_gelus_from_attribute"]:
+        prompt = first.tokens[:first.prompt_len]
+        as_lowered, _ = StableHLORunner({**lowered, **bodies}, export.prefill_lens,
+                                        export.kv_cache_max).prefill(prompt, runner.empty_kv())
+        results.append(checks.composite_body(
+            pair.name, as_lowered, logits[0][:first.prompt_len], resolved["tanh_gelus_from_attribute"],
+            f"{probe} of prompt 0", state.gate(stages.STABLEHLO, stages.COMPOSITE_BODY)))
+    return results
+
+
+def _flatbuffer(state: RunState, stage: str, recipe: str) -> list[np.ndarray]:
+    """Converts (or takes from the cache) the flatbuffer of `recipe` and runs it along every trajectory."""
+    from harness.convert import convert
+    from harness.runners import TFLiteRunner
+
+    export, cache = state.pair.export, state.options.cache
+    path = convert(state.pair, state.model, state.checkpoint, recipe, cache)
+    state.artifacts[stage] = path
+    state.notes.setdefault("artifacts", {})[stage] = _provenance(cache, path.parent, path.name)
+    state.notes[f"{stage}_bytes"] = path.stat().st_size
+    runner = TFLiteRunner(path, export.prefill_lens, export.kv_cache_max, state.options.num_threads)
+    logits = state.logits[stage] = state.run_trajectories(stage, runner)
+    runner.release()  # reopened by a later check that runs it; a real model's holds GiBs
+    return logits
+
+
+def run_tflite_float(state: RunState) -> list[CheckResult]:
+    """The float flatbuffer with XNNPack, against the eager re-authored model."""
+    from harness.convert import FLOAT
+
+    logits = _flatbuffer(state, stages.TFLITE_FLOAT, FLOAT)
+    return state.compare_with_parent(stages.TFLITE_FLOAT, stages.REAUTHORED, logits)
+
+
+def run_quantized(state: RunState, recipe: str) -> list[CheckResult]:
+    """A quantized flatbuffer, held to its recipe's accuracy budget against the float flatbuffer."""
+    stage = stages.tflite_stage(recipe)
+    logits = _flatbuffer(state, stage, recipe)
+    return [checks.quant_accuracy(state.pair.name, stage, logits, state.logits[stages.TFLITE_FLOAT],
+                                  state.gate(stage, stages.QUANT_ACCURACY), state.trajectories)]
+
+
+STAGES = (
+    StageSpec(stages.HF, None, (), run_hf),
+    StageSpec(stages.REAUTHORED, stages.HF, (stages.HF,), run_reauthored),
+    StageSpec(stages.EXPORTED, stages.REAUTHORED, (stages.REAUTHORED,), run_exported),
+    StageSpec(stages.STABLEHLO, stages.EXPORTED, (stages.EXPORTED,), run_stablehlo),
+    StageSpec(stages.TFLITE_FLOAT, stages.REAUTHORED, (stages.REAUTHORED,), run_tflite_float),
+)
+
+
+def recipe_stage(recipe: str) -> StageSpec:
+    return StageSpec(stages.tflite_stage(recipe), stages.TFLITE_FLOAT, (stages.TFLITE_FLOAT,),
+                     functools.partial(run_quantized, recipe=recipe))
+
+
+# ---------------------------------------------------------------- planning and running
+
+def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
+    """The quant recipes a run of `pair` converts: the asked ones (or the pair's defaults) whose stage is wanted."""
+    return [r for r in (pair.default_quant if options.quant is None else options.quant)
+            if options.config.wants(stages.tflite_stage(r))]
+
+
+def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
+    """The stages a run of `pair` goes through, in order: hf and reauthored always, every wanted stage and
+    what it needs (a recipe brings tflite_float, stablehlo brings exported)."""
+    specs = {spec.name: spec for spec in STAGES}
+    wanted = [recipe_stage(r) for r in planned_recipes(pair, options) if r in pair.quant_recipes]
+    wanted += [spec for spec in STAGES if spec.name in (stages.HF, stages.REAUTHORED) or options.config.wants(spec.name)]
+    plan: dict[str, StageSpec] = {}
+
+    def add(spec: StageSpec) -> None:
+        for need in spec.needs:
+            add(specs[need])
+        plan.setdefault(spec.name, spec)
+
+    for spec in wanted:
+        add(spec)
+    order = [s.name for s in STAGES]
+    return sorted(plan.values(), key=lambda s: order.index(s.name) if s.name in order else len(order))
 
 
 @dataclasses.dataclass
@@ -44,197 +267,64 @@ class PairReport:
     results: list[CheckResult]
     timings: dict[str, float]
     notes: dict[str, Any]
-    outputs: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # in memory only
+    state: RunState | None = dataclasses.field(default=None, repr=False)  # in memory only
 
 
 Progress = Callable[[str, str, float, list[CheckResult]], None]
 
 
-class _Stages:
-    """Book-keeping of one pair's run: results, timings, and which stages produced outputs."""
-
-    def __init__(self, pair: ModelPair, options: RunOptions, progress: Progress | None):
-        self.pair, self.options, self.progress = pair, options, progress
-        self.results: list[CheckResult] = []
-        self.timings: dict[str, float] = {}
-        self.notes: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {"runners": {}}
-        self.enabled: set[str] = set()
-
-    def gate(self, stage: str, check: str) -> Gate:
-        return gate_for(self.options.gates, self.pair, stage, check)
-
-    def run(self, stage: str, needs: tuple[str, ...], body: Callable[[], list[CheckResult]]) -> None:
-        """Runs a stage body unless what it needs is missing; an exception becomes an error record."""
-        if stage not in self.enabled:
-            return
-        start = time.perf_counter()
-        missing = [n for n in needs if n not in self.outputs]
-        if missing:
-            produced = [CheckResult(self.pair.name, stage, stages.STAGE, SKIP,
-                                    message=f"skipped: needs {', '.join(missing)}, which did not run")]
-        else:
-            try:
-                produced = body()
-            except HarnessError as e:
-                check = stages.WEIGHT_COVERAGE if isinstance(e, CheckpointError) else stages.STAGE
-                produced = [CheckResult(self.pair.name, stage, check, ERROR, message=str(e))]
-            except Exception as e:  # noqa: BLE001 - one broken stage must not lose the others
-                where = traceback.extract_tb(e.__traceback__)[-1]
-                produced = [CheckResult(self.pair.name, stage, stages.STAGE, ERROR,
-                                        message=scrub(f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"))]
-        self.timings[stage] = round(time.perf_counter() - start, 3)
-        release_freed()  # what the stage dropped, before the next one allocates
-        self.notes.setdefault("peak_rss_mib", {})[stage] = round(peak_rss_mb())
-        self.results.extend(produced)
-        if self.progress:
-            self.progress(self.pair.name, stage, self.timings[stage], produced)
-
-    def compare_float(self, stage: str, logits) -> list[CheckResult]:
-        parent = stages.parent_stage(stage)
-        return [
-            checks.compare_logits(self.pair.name, stage, logits, self.outputs[parent],
-                                  self.gate(stage, stages.LOGITS)),
-            checks.compare_greedy(self.pair.name, stage, logits, self.outputs["trajectories"],
-                                  self.gate(stage, stages.GREEDY)),
-        ]
-
-    def run_all(self, stage: str, runner) -> list:
-        self.outputs["runners"][stage] = runner
-        return [run_trajectory(runner, t) for t in self.outputs["trajectories"]]
-
-
-def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
-    """The quant recipes a run of `pair` converts: the asked ones (or the pair's defaults) whose stage is wanted."""
-    return [r for r in (pair.default_quant if options.quant is None else options.quant)
-            if options.wants(stages.tflite_stage(r))]
-
-
-def planned_stages(pair: ModelPair, options: RunOptions) -> list[str]:
-    """The stages a run of `pair` goes through, in order (hf and reauthored always; what a wanted stage needs)."""
-    recipes = planned_recipes(pair, options)
-    wanted = {stages.HF, stages.REAUTHORED} | {st for st in stages.FLOAT_STAGES if options.wants(st)}
-    if stages.STABLEHLO in wanted:
-        wanted.add(stages.EXPORTED)
-    if recipes:
-        wanted.add(stages.TFLITE_FLOAT)
-    return [st for st in stages.FLOAT_STAGES if st in wanted] + [stages.tflite_stage(r) for r in recipes]
+def _run_step(report: PairReport, state: RunState, name: str, needs: tuple[str, ...],
+              body: Callable[[], list[CheckResult]], progress: Progress | None) -> None:
+    """One stage or extra check: skipped when what it needs did not complete; an exception becomes an error."""
+    model = report.model
+    start = time.perf_counter()
+    missing = [n for n in needs if n not in state.completed]
+    if missing:
+        produced = [CheckResult(model, name, stages.STAGE_RUN, SKIP,
+                                message=f"skipped: needs {', '.join(missing)}, which did not run")]
+    else:
+        try:
+            produced = body()
+            state.completed.add(name)
+        except HarnessError as e:
+            check = stages.WEIGHT_COVERAGE if isinstance(e, CheckpointError) else stages.STAGE_RUN
+            produced = [CheckResult(model, name, check, ERROR, message=str(e))]
+        except Exception as e:  # noqa: BLE001 - one broken stage must not lose the others
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            produced = [CheckResult(model, name, stages.STAGE_RUN, ERROR,
+                                    message=scrub(f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"))]
+    report.timings[name] = round(time.perf_counter() - start, 3)
+    release_freed()  # what the step dropped, before the next one allocates
+    state.notes.setdefault("peak_rss_mib", {})[name] = round(peak_rss_mb())
+    report.results.extend(produced)
+    if progress:
+        progress(model, name, report.timings[name], produced)
 
 
 def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None) -> PairReport:
-    """Every stage of one pair, compared with the stage it was derived from, held to the gates."""
-    s = _Stages(pair, options, progress)
-    hits_before, misses_before = len(options.cache.hits), len(options.cache.misses)
-    rebuilt_before = len(options.cache.rebuilt)
-    export = pair.export
-    name = pair.name
-
-    def hf():
-        s.outputs["checkpoint"] = checkpoint = reference_checkpoint(pair, options.cache)
-        s.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(options.cache, checkpoint)
-        model = load_hf(pair, checkpoint)
-        prompts = make_prompts(pair)
-        runs = [greedy_trajectory(model, p, pair.workload.new_tokens) for p in prompts]
-        s.outputs["trajectories"] = [t for t, _ in runs]
-        s.outputs[stages.HF] = [logits for _, logits in runs]
-        ratio = attention_entropy_ratio(model, prompts)
-        return [checks.sensitivity(name, ratio, s.gate(stages.HF, stages.SENSITIVITY))]
-
-    def reauthored():
-        model, coverage = build_reauthored(pair, s.outputs["checkpoint"], export.kv_cache_max)
-        s.outputs["model"] = model
-        logits = s.run_all(stages.REAUTHORED, ReauthoredRunner(model, export.kv_cache_max))
-        s.outputs[stages.REAUTHORED] = logits
-        return [checks.weight_coverage(name, coverage, s.gate(stages.REAUTHORED, stages.WEIGHT_COVERAGE))] \
-            + s.compare_float(stages.REAUTHORED, logits)
-
-    def exported():
-        model = s.outputs["model"]
-        programs = export_programs(converter_signatures(model, export.prefill_lens, export.kv_cache_max))
-        s.outputs["programs"] = programs
-        logits = s.run_all(stages.EXPORTED, ExportedRunner(programs, model.config, export.prefill_lens, export.kv_cache_max))
-        s.outputs[stages.EXPORTED] = logits
-        return s.compare_float(stages.EXPORTED, logits)
-
-    def stablehlo():
-        inline = fits_inline(s.outputs["model"])
-        first = s.outputs["trajectories"][0]
-        probe = f"prefill_{signature_for(first.prompt_len, export.prefill_lens)}"
-        lowered, resolved, bodies = lower_programs(s.outputs["programs"], inline_weights=inline, bodies_of=(probe,))
-        s.notes["stablehlo_markers_resolved"] = resolved
-        s.notes["stablehlo_weights"] = "inlined as constants" if inline else (
-            "function arguments: inlined, the module would pass XlaCallModule's 2 GiB limit")
-        left = custom_calls(lowered)
-        if left:
-            return [CheckResult(name, stages.STABLEHLO, stages.STAGE, ERROR,
-                                message=f"cannot execute the lowered StableHLO: custom calls with no XLA kernel "
-                                        f"remain ({', '.join(left)}); teach harness/lowering.py to resolve them")]
-        runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
-        logits = s.run_all(stages.STABLEHLO, runner)
-        s.outputs[stages.STABLEHLO] = logits
-        # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
-        del s.outputs["runners"][stages.STABLEHLO]
-        results = s.compare_float(stages.STABLEHLO, logits)
-        if resolved["tanh_gelus_from_attribute"]:
-            prompt = first.tokens[:first.prompt_len]
-            as_lowered, _ = StableHLORunner({**lowered, **bodies}, export.prefill_lens,
-                                            export.kv_cache_max).prefill(prompt, runner.empty_kv())
-            results.append(checks.composite_body(
-                name, as_lowered, logits[0][:first.prompt_len], resolved["tanh_gelus_from_attribute"],
-                f"{probe} of prompt 0", s.gate(stages.STABLEHLO, stages.COMPOSITE_BODY)))
-        return results
-
-    def tflite(recipe: str):
-        def body():
-            path = convert(pair, s.outputs["model"], s.outputs["checkpoint"], recipe, options.cache)
-            runner = TFLiteRunner(path, export.prefill_lens, export.kv_cache_max, options.num_threads)
-            stage = stages.TFLITE_FLOAT if recipe == FLOAT else stages.tflite_stage(recipe)
-            s.outputs.setdefault("artifacts", {})[stage] = path
-            s.notes.setdefault("artifacts", {})[stage] = _provenance(options.cache, path.parent, path.name)
-            logits = s.run_all(stage, runner)
-            runner.release()  # reopened by a later check that runs it; a real model's holds GiBs
-            s.outputs[stage] = logits
-            s.notes[f"{stage}_bytes"] = path.stat().st_size
-            if recipe == FLOAT:
-                return s.compare_float(stage, logits)
-            return [checks.quant_accuracy(name, stage, logits, s.outputs[stages.TFLITE_FLOAT],
-                                          s.gate(stage, stages.QUANT_ACCURACY), s.outputs["trajectories"])]
-        return body
-
-    recipes = planned_recipes(pair, options)
+    """Every planned stage of one pair, compared with the stage it was derived from, then the extra checks."""
+    state = RunState(pair, options)
+    report = PairReport(pair.name, [], {}, state.notes, state)
     skipped = dict(pair.skipped_checks)
-    extras = tuple(e for e in tuple(options.extra_checks) + tuple(pair.extra_checks) if _extra_stage(e) not in skipped)
-    s.enabled = set(planned_stages(pair, options)) | {_extra_stage(e) for e in extras}
-    s.run(stages.HF, (), hf)
-    s.run(stages.REAUTHORED, ("checkpoint", "trajectories"), reauthored)
-    s.run(stages.EXPORTED, ("model", stages.REAUTHORED), exported)
-    s.run(stages.STABLEHLO, ("programs", stages.EXPORTED, "model"), stablehlo)
-    s.run(stages.TFLITE_FLOAT, ("model", stages.REAUTHORED), tflite(FLOAT))
-    for recipe in recipes:
-        stage = stages.tflite_stage(recipe)
-        if recipe not in pair.quant_recipes:
-            s.results.append(CheckResult(name, stage, stages.STAGE, SKIP,
-                                         message=f"recipe {recipe} does not apply to {name}"))
-            continue
-        s.run(stage, ("model", stages.TFLITE_FLOAT), tflite(recipe))
-    for check, reason in skipped.items():
-        s.results.append(CheckResult(name, check, stages.STAGE, SKIP, message=f"skipped for this pair: {reason}"))
-    for extra in extras:
-        s.run(_extra_stage(extra), (stages.REAUTHORED,),
-              lambda extra=extra: extra(pair, s.outputs, options))
-    s.notes["cache"] = {"hits": len(options.cache.hits) - hits_before,
-                        "misses": len(options.cache.misses) - misses_before,
-                        "rebuilt_damaged": len(options.cache.rebuilt) - rebuilt_before}
-    return PairReport(name, s.results, s.timings, s.notes, s.outputs)
+    with options.cache.scope() as tally:
+        for spec in planned_stages(pair, options):
+            _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
+        for recipe in planned_recipes(pair, options):
+            if recipe not in pair.quant_recipes:  # planned by name only; say why it never ran
+                report.results.append(CheckResult(pair.name, stages.tflite_stage(recipe), stages.STAGE_RUN, SKIP,
+                                                  message=f"recipe {recipe} does not apply to {pair.name}"))
+        for check, reason in skipped.items():
+            report.results.append(CheckResult(pair.name, check, stages.STAGE_RUN, SKIP,
+                                              message=f"skipped for this pair: {reason}"))
+        for extra in (*options.extra_checks, *pair.extra_checks):
+            if extra.name not in skipped:
+                _run_step(report, state, extra.name, (stages.REAUTHORED,), functools.partial(extra, state), progress)
+    state.notes["cache"] = tally
+    return report
 
 
-def _extra_stage(extra) -> str:
-    """The name an extra check's timing and progress line go under."""
-    return getattr(extra, "stage", None) or getattr(extra, "__name__", type(extra).__name__)
-
-
-def _provenance(cache: ArtifactCache, entry, file: str | None = None) -> dict[str, Any]:
+def _provenance(cache: ArtifactCache, entry: Path, file: str | None = None) -> dict[str, Any]:
     """An artifact's cache key and the digest of its file (or of every file of the entry)."""
-    manifest = cache.served.get(f"{entry.parent.name}/{entry.name}", {})
-    return {"key": f"{entry.parent.name}/{entry.name}",
-            "sha256": manifest.get(file) if file else dict(sorted(manifest.items()))}
+    key = f"{entry.parent.name}/{entry.name}"
+    manifest = cache.served.get(key, {})
+    return {"key": key, "sha256": manifest.get(file) if file else dict(sorted(manifest.items()))}

@@ -20,7 +20,7 @@ from harness import stages
 from harness.checkpoint import load_hf
 from harness.checks import kl_divergences, verdict
 from harness.errors import HarnessError
-from harness.gates import gate_for, judge
+from harness.gates import judge
 from harness.records import ERROR, CheckResult
 from harness.runners import ReauthoredRunner, TFLiteRunner, run_trajectory, signature_for
 from harness.strategies import Case, Shape, seeded_cases
@@ -457,22 +457,22 @@ def _worst_relative(deviations) -> float:
 def property_stages(runners: dict) -> list[str]:
     """The stages the properties hold at: the eager model, the float flatbuffer, every quantized one."""
     return [s for s in runners if s in (stages.REAUTHORED, stages.TFLITE_FLOAT)
-            or (s.startswith(stages.TFLITE_PREFIX) and s != stages.TFLITE_FLOAT)]
+            or stages.is_quantized(s)]
 
 
-def fresh_runner(stage: str, runner, outputs: dict, num_threads: int):
+def fresh_runner(runner, num_threads: int):
     """A new runner of the same stage: a new interpreter on the same flatbuffer, or a copy of the model."""
     if isinstance(runner, ReauthoredRunner):
         return ReauthoredRunner(copy.deepcopy(runner.model), runner.kv_cache_max)
     if isinstance(runner, TFLiteRunner):
-        return TFLiteRunner(outputs["artifacts"][stage], runner.prefill_lens, runner.kv_cache_max, num_threads)
+        return TFLiteRunner(runner.path, runner.prefill_lens, runner.kv_cache_max, num_threads)
     return None
 
 
 def reproduce_commands(pair_name: str, stage: str) -> str:
     """How to re-run one stage's seeded cases, and how to get a failure shrunk to a minimal case."""
     quantized = stage not in (stages.REAUTHORED, stages.TFLITE_FLOAT)
-    quant = f" --quant {stage[len(stages.TFLITE_PREFIX):]}" if quantized else ""
+    quant = f" --quant {stages.recipe_of(stage)}" if quantized else ""
     return (f"reproduce: harness verify --models {pair_name} --stages {stage}{quant}; shrink to a minimal case: "
             f"pytest tests/test_properties.py -k '{pair_name} and {stage}'")
 
@@ -482,17 +482,18 @@ def _detail(metrics: dict, thresholds: dict, where: dict, command: str) -> str:
     return "; ".join([f"{name}: {where[name]}" for name in sorted(failed) if where.get(name)] + [command])
 
 
-def property_checks(pair, outputs: dict, options) -> list:
+def property_checks(state) -> list:
     """`harness verify`'s extra check: prefill_decode and kv_cache records for every property stage."""
+    pair = state.pair
     cases = seeded_cases(shape_of(pair), CASES_PER_STAGE, pair.seed)
-    references = References.compute(load_hf(pair, outputs["checkpoint"]), pair, cases)
+    references = References.compute(load_hf(pair, state.checkpoint), pair, cases)
     results = []
-    for stage in property_stages(outputs["runners"]):
-        runner = outputs["runners"][stage]
+    for stage in property_stages(state.runners):
+        runner = state.runners[stage]
         command = reproduce_commands(pair.name, stage)
         measures = (
             (stages.PREFILL_DECODE, lambda: measure_prefill_decode(
-                [r for r in (runner, fresh_runner(stage, runner, outputs, options.num_threads)) if r],
+                [r for r in (runner, fresh_runner(runner, state.options.num_threads)) if r],
                 cases, pair.export.prefill_lens)),
             (stages.KV_CACHE, lambda: measure_kv_cache(runner, cases, references, pair.export.prefill_lens)),
         )
@@ -502,10 +503,10 @@ def property_checks(pair, outputs: dict, options) -> list:
             except HarnessError as e:
                 results.append(CheckResult(pair.name, stage, check, ERROR, message=f"{e}; {command}"))
                 continue
-            gate = gate_for(options.gates, pair, stage, check)
+            gate = state.gate(stage, check)
             results.append(verdict(pair.name, stage, check, metrics, gate,
                                    _detail(metrics, gate.thresholds, where, command)))
     return results
 
 
-property_checks.stage = stages.PROPERTIES
+property_checks.name = stages.PROPERTIES

@@ -262,12 +262,13 @@ def greedy_text(pair: ModelPair, runners: dict[str, Any], trajectories, tokenize
     return results
 
 
-def text_eval(pair: ModelPair, outputs: dict[str, Any], options) -> list[CheckResult]:
+def text_eval(state) -> list[CheckResult]:
     """Perplexity and greedy text on real text for HF and every flatbuffer that was built."""
-    tokenizer = load_tokenizer(outputs["checkpoint"])
-    runners = {stage: r for stage, r in outputs["runners"].items() if stage.startswith(stages.TFLITE_PREFIX)}
-    results = perplexity(pair, load_hf(pair, outputs["checkpoint"]), runners, tokenizer, options.gates)
-    return results + greedy_text(pair, runners, outputs["trajectories"], tokenizer, options.gates)
+    pair, gates = state.pair, state.options.gates
+    tokenizer = load_tokenizer(state.checkpoint)
+    runners = {stage: r for stage, r in state.runners.items() if stage.startswith(stages.TFLITE_PREFIX)}
+    results = perplexity(pair, load_hf(pair, state.checkpoint), runners, tokenizer, gates)
+    return results + greedy_text(pair, runners, state.trajectories, tokenizer, gates)
 
 
-text_eval.stage = REAL_TEXT
+text_eval.name = REAL_TEXT

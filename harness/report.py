@@ -136,6 +136,12 @@ def _short_digest(digest) -> str:
     return (digest or "?")[:12]
 
 
+def write_reports(out_dir: Path, document: dict[str, Any]) -> None:
+    """parity.json, then summary.md rendered from the same document."""
+    write_parity(out_dir, document)
+    write_summary(out_dir, document)
+
+
 def write_summary(out_dir: Path, document: dict[str, Any]) -> Path:
     path = Path(out_dir) / SUMMARY_MD
     write_report(path, render_summary(document))

@@ -15,7 +15,7 @@ WEIGHT_COVERAGE = "weight_coverage"
 LOGITS = "logits"
 GREEDY = "greedy"
 QUANT_ACCURACY = "quant_accuracy"
-STAGE = "stage"  # the stage itself could not run
+STAGE_RUN = "stage"  # the record of a stage that could not run (skip or error), not of a check
 PREFILL_DECODE = "prefill_decode"  # prefix, chunked, causal, padded and repeated runs agree (harness/properties.py)
 KV_CACHE = "kv_cache"  # cache contents vs HF, never-read slots, one write per decode, the end of the cache
 PROPERTIES = "properties"  # the extra check that measures both, per stage, after every stage has run
@@ -37,17 +37,16 @@ def tflite_stage(recipe: str) -> str:
     return f"{TFLITE_PREFIX}{recipe}"
 
 
-def parent_stage(stage: str) -> str | None:
-    """The stage each stage is compared with: the one it was derived from."""
-    if stage == HF:
-        return None
-    if stage == REAUTHORED:
-        return HF
-    if stage in (EXPORTED, TFLITE_FLOAT):
-        return REAUTHORED
-    if stage == STABLEHLO:
-        return EXPORTED
-    return TFLITE_FLOAT
+def is_quantized(stage: str) -> bool:
+    """A tflite_<recipe> stage (tflite_float is not one)."""
+    return stage.startswith(TFLITE_PREFIX) and stage != TFLITE_FLOAT
+
+
+def recipe_of(stage: str) -> str:
+    """The quant recipe of a tflite_<recipe> stage."""
+    if not is_quantized(stage):
+        raise ValueError(f"{stage} is not a quantized stage")
+    return stage[len(TFLITE_PREFIX):]
 
 
 # What the gates file may bound: the metrics each check measures that a `max_`/`min_` key can hold.

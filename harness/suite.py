@@ -1,55 +1,32 @@
-"""Runs several pairs, each in a fresh process so a crash in one never loses the others' results."""
+"""Runs several pairs, each in a fresh process so a crash in one never loses the others' results.
+
+`run_suite` is the library call `harness verify` makes: a RunConfig in, the parity document out (written
+atomically after every pair). Each pair's child receives the same RunConfig as JSON (harness.child).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from harness import report, stages
-from harness.pairs import ModelPair
+from harness import child, report, stages
+from harness.config import RunConfig
+from harness.pairs import ModelPair, discover, select, unknown_model_message
 from harness.paths import display_path, scrub
+from harness.pipeline import ExtraCheck, PairReport, RunOptions, planned_stages, verify_pair
 from harness.provenance import harness_commit
-from harness.pipeline import PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.records import ERROR, CheckResult, run_metadata
 
-
-@dataclasses.dataclass
-class SuiteRequest:
-    """What a suite run needs, in a form a child process can be handed on its command line."""
-
-    out_dir: Path
-    gates_path: str
-    cache_dir: str
-    use_cache: bool = True
-    quant: tuple[str, ...] | None = None
-    num_threads: int = 2
-    models_dirs: tuple[str, ...] = ()
-    stages: tuple[str, ...] | None = None
-    golden_dir: str | None = None  # None: the repository's golden/
-    against: str | None = None  # "golden": the release gate, a missing golden is an error
+Echo = Callable[[str], None]
 
 
-def child_command(request: SuiteRequest, model: str, result_path: Path) -> list[str]:
-    command = [sys.executable, "-m", "harness", "_verify-one", model, "--result", str(result_path),
-               "--gates", request.gates_path, "--cache-dir", request.cache_dir, "--threads", str(request.num_threads)]
-    if not request.use_cache:
-        command.append("--no-cache")
-    if request.quant is not None:
-        command += ["--quant", ",".join(request.quant) or "none"]
-    if request.stages:
-        command += ["--stages", ",".join(request.stages)]
-    for d in request.models_dirs:
-        command += ["--models-dir", d]
-    if request.golden_dir:
-        command += ["--golden-dir", request.golden_dir]
-    if request.against:
-        command += ["--against", request.against]
-    return command
+def verify_checks(config: RunConfig) -> tuple[ExtraCheck, ...]:
+    """The extra checks of `harness verify`: the properties' seeded sample, and the goldens."""
+    from harness.golden import GoldenCheck
+    from harness.properties import property_checks
+
+    return (property_checks, GoldenCheck(Path(config.golden_dir), strict=config.against == "golden"))
 
 
 def report_to_json(rep: PairReport) -> dict:
@@ -57,60 +34,77 @@ def report_to_json(rep: PairReport) -> dict:
             "timings": rep.timings, "notes": rep.notes}
 
 
-def run_isolated(request: SuiteRequest, pair: ModelPair, options: RunOptions,
-                 echo: Callable[[str], None]) -> PairReport:
+def report_from_json(data: dict) -> PairReport:
+    return PairReport(data["model"], [CheckResult(**r) for r in data["results"]], data["timings"], data["notes"])
+
+
+def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
+    """The child's side of `harness verify`: one pair, progress as events, what it finished saved after each step."""
+    config = RunConfig.from_json(payload["config"])
+    pair = discover(tuple(Path(d) for d in config.models_dirs))[payload["model"]]
+    options = RunOptions.open(config, verify_checks(config))
+    done = PairReport(pair.name, [], {}, {})
+
+    def progress(model, stage, seconds, produced):
+        channel.event(progress=format_progress(model, stage, seconds, produced))
+        done.results.extend(produced)
+        done.timings[stage] = seconds
+        channel.partial(report_to_json(done))  # a child that dies later keeps these
+
+    with options.cache:
+        return report_to_json(verify_pair(pair, options, progress))
+
+
+def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
     """One pair in a child process; its progress lines are echoed live, a crash becomes an error record."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "result.json"
-        proc = subprocess.Popen(child_command(request, pair.name, result_path), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        tail: list[str] = []
-        for line in proc.stdout:
-            if line.startswith("[progress] "):
-                echo(line[len("[progress] "):].rstrip("\n"))
-            else:
-                tail = (tail + [line.rstrip("\n")])[-15:]
-        code = proc.wait()
-        data = json.loads(result_path.read_text()) if result_path.exists() else {"results": [], "timings": {}}
-        done = [CheckResult(**r) for r in data["results"]]
-        if code == 0 and not data.get("partial"):
-            return PairReport(data["model"], done, data["timings"], data["notes"])
-    finished = {r.stage for r in done}
-    planned = planned_stages(pair, options)
+    try:
+        return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name},
+                                          on_event=lambda event: echo(event["progress"])))
+    except child.ChildFailed as e:
+        failure = e
+    done = report_from_json(failure.partial or {"model": pair.name, "results": [], "timings": {}, "notes": {}})
+    finished = {r.stage for r in done.results}
+    planned = [spec.name for spec in planned_stages(pair, options)]
     # The first planned stage it had not reported; past the last one, its checks were running.
     stage = next((st for st in planned if st not in finished), planned[-1])
-    message = f"the process verifying {pair.name} died with exit code {code} during {stage}; last output: " + \
-        scrub(" | ".join(t for t in tail if t.strip()))[-1500:]
-    return PairReport(pair.name, done + [CheckResult(pair.name, stage, stages.STAGE, ERROR, message=message)],
-                      data["timings"], {})
+    message = (f"the process verifying {pair.name} died with exit code {failure.code} during {stage}; last output: "
+               + scrub(" | ".join(t for t in failure.tail if t.strip()))[-1500:])
+    return dataclasses.replace(done, results=done.results + [
+        CheckResult(pair.name, stage, stages.STAGE_RUN, ERROR, message=message)])
 
 
-def run_suite(pairs: list[ModelPair], request: SuiteRequest, options: RunOptions, echo: Callable[[str], None],
-              unknown: list[str] = (), isolate: bool = True, unknown_message: Callable[[str], str] = str) -> dict:
-    """Every pair in turn; the reports are rewritten atomically after each one."""
-    run = run_metadata(gates=options.gates.path, quant=list(request.quant) if request.quant is not None else "default",
-                       models=[p.name for p in pairs] + list(unknown),
-                       cache=display_path(request.cache_dir) if request.use_cache else "private to the run (--no-cache)",
+def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
+              extra_pairs: dict[str, ModelPair] | None = None) -> dict:
+    """Every selected pair in turn; the reports are rewritten atomically after each one. Names that match no
+    pair get an error record and the others still run. `options` replaces what the configuration would
+    open; `extra_pairs` join the discovered ones (pairs made in memory run in-process only)."""
+    known = {**discover(tuple(Path(d) for d in config.models_dirs)), **(extra_pairs or {})}
+    options = options or RunOptions.open(config, verify_checks(config))
+    options.gates.require_models(known)
+    pairs, unknown = select(known, list(config.models) if config.models else None, config.suite)
+    out = Path(config.out or "reports/latest")
+    run = run_metadata(gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
+                       models=[p.name for p in pairs] + unknown,
+                       cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
                        harness=harness_commit())
-    results: list[CheckResult] = [CheckResult(name, stages.HF, stages.STAGE, ERROR, message=unknown_message(name))
-                                  for name in unknown]
+    results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known))
+               for name in unknown]
     models: dict = {}
 
     def progress(model: str, stage: str, seconds: float, produced: list[CheckResult]) -> None:
         echo(format_progress(model, stage, seconds, produced))
 
     document = report.parity_document(run, results, models)
-    for pair in pairs:
-        rep = run_isolated(request, pair, options, echo) if isolate else verify_pair(pair, options, progress)
-        results.extend(rep.results)
-        models[pair.name] = {"description": pair.description, "features": list(pair.features),
-                             "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
-                             "timings": rep.timings, "notes": rep.notes}
-        document = report.parity_document(run, results, models)
-        report.write_parity(request.out_dir, document)
-        report.write_summary(request.out_dir, document)
-    report.write_parity(request.out_dir, document)
-    report.write_summary(request.out_dir, document)
+    with options.cache:  # a private cache (--no-cache) is removed with the run
+        for pair in pairs:
+            rep = run_isolated(config, pair, options, echo) if config.isolate else verify_pair(pair, options, progress)
+            results.extend(rep.results)
+            models[pair.name] = {"description": pair.description, "features": list(pair.features),
+                                 "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
+                                 "timings": rep.timings, "notes": rep.notes}
+            document = report.parity_document(run, results, models)
+            report.write_reports(out, document)
+    report.write_reports(out, document)
     return document
 
 

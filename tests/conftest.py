@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cache import DEFAULT_ROOT, ArtifactCache
+from harness.cache import ArtifactCache
+from harness.config import RunConfig, default_cache_dir
 from harness.gates import load_gates
 from harness.pairs import discover
 from harness.pipeline import RunOptions, verify_pair
@@ -37,7 +38,7 @@ def pairs():
 @pytest.fixture(scope="session")
 def cache():
     """The shared artifact cache (EDGE_PARITY_CACHE or ~/.cache/edge-parity): keys make sharing safe."""
-    return ArtifactCache(DEFAULT_ROOT)
+    return ArtifactCache(Path(default_cache_dir()))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def gates():
 
 @pytest.fixture(scope="session")
 def options(gates, cache):
-    return RunOptions(gates=gates, cache=cache)
+    return RunOptions(RunConfig(), gates, cache)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,6 @@ def tiny_llama(pairs):
 def pair_report(pairs, options):
     """A pair through every stage, its default recipes and the property checks, run on first use and
     kept for the session: `pair_report(name)` -> PairReport (with the runners of every stage)."""
-    import dataclasses
 
     from harness.properties import property_checks
 
@@ -67,7 +67,7 @@ def pair_report(pairs, options):
 
     def run(name: str):
         if name not in reports:
-            reports[name] = verify_pair(pairs[name], dataclasses.replace(options, extra_checks=(property_checks,)))
+            reports[name] = verify_pair(pairs[name], options.derive(extra_checks=(property_checks,)))
         return reports[name]
 
     return run

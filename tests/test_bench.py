@@ -238,6 +238,8 @@ def test_cli_missing_baseline_is_a_usage_error(tmp_path, capsys):
     assert code == cli.EXIT_USAGE and "--save-baseline" in capsys.readouterr().err
 
 
-def test_cli_rejects_bad_thread_counts():
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--threads", "0,2"])
+def test_cli_rejects_bad_thread_counts(capsys):
+    assert cli.main(["bench", "--threads", "0,2"]) == cli.EXIT_USAGE
+    assert "--threads 0,2: give positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not a number at all: argparse's usage error
+        cli.main(["bench", "--threads", "two"])

@@ -19,7 +19,7 @@ def logits():
 
 
 def test_compare_logits_passes_on_identical(logits):
-    result = checks.compare_logits("m", stages.EXPORTED, logits, logits, FLOAT_GATES)
+    result = checks.compare_logits("m", stages.EXPORTED, logits, logits, FLOAT_GATES, stages.REAUTHORED)
     assert result.status == PASS
     assert result.metrics["max_abs_err"] == 0.0
     assert result.threshold == FLOAT_LIMITS
@@ -28,7 +28,7 @@ def test_compare_logits_passes_on_identical(logits):
 def test_compare_logits_fails_and_locates_the_worst_position(logits):
     moved = [x.copy() for x in logits]
     moved[1][7, 3] += 0.5
-    result = checks.compare_logits("m", stages.EXPORTED, moved, logits, FLOAT_GATES)
+    result = checks.compare_logits("m", stages.EXPORTED, moved, logits, FLOAT_GATES, stages.REAUTHORED)
     assert result.status == FAIL
     assert result.metrics["max_abs_err"] == pytest.approx(0.5, rel=1e-5)
     assert "prompt 1 position 7" in result.message
@@ -38,7 +38,7 @@ def test_compare_logits_fails_and_locates_the_worst_position(logits):
 def test_compare_logits_fails_on_nan(logits):
     moved = [x.copy() for x in logits]
     moved[0][2, 2] = np.nan
-    assert checks.compare_logits("m", stages.EXPORTED, moved, logits, FLOAT_GATES).status == FAIL
+    assert checks.compare_logits("m", stages.EXPORTED, moved, logits, FLOAT_GATES, stages.REAUTHORED).status == FAIL
 
 
 def test_compare_greedy_names_the_first_divergence(logits):
@@ -89,5 +89,5 @@ def test_weight_coverage_lists_unused_and_unloaded():
 
 
 def test_a_check_without_thresholds_is_an_error(logits):
-    result = checks.compare_logits("m", stages.EXPORTED, logits, logits, Gate({}))
+    result = checks.compare_logits("m", stages.EXPORTED, logits, logits, Gate({}), stages.REAUTHORED)
     assert result.status == ERROR and "not judged is not a pass" in result.message

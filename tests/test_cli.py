@@ -41,10 +41,10 @@ def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report
     assert {"checkpoint", "tflite_float", "tflite_dynamic_int8"} <= set(artifacts)
     assert all(len(artifacts[s]["sha256"]) == 64 for s in ("tflite_float", "tflite_dynamic_int8"))
     # No absolute path of this machine in what a run writes.
-    from harness.cache import DEFAULT_ROOT
+    from harness.config import default_cache_dir
 
     for text in (summary, (tmp_path / "parity.json").read_text()):
-        for machine_path in {str(ROOT), str(Path.home()), str(DEFAULT_ROOT), str(tmp_path)}:
+        for machine_path in {str(ROOT), str(Path.home()), default_cache_dir(), str(tmp_path)}:
             assert machine_path not in text, machine_path
 
 

@@ -6,7 +6,7 @@ from harness import stages
 from harness.errors import GatesError
 from harness.gates import Gate, Gates, judge, load_gates
 from harness.pairs import ExpectedFailure
-from harness.records import ERROR, FAIL, INFO, PASS, XFAIL
+from harness.records import ERROR, FAIL, INFO, XFAIL
 
 
 def gates_from(tmp_path, text: str) -> Gates:

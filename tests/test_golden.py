@@ -11,7 +11,7 @@ from harness.pairs import discover
 from harness.paths import display_path
 from harness.pipeline import RunOptions, verify_pair
 from harness.records import ERROR, FAIL, PASS, SKIP, CheckResult, isa_features
-from harness.suite import SuiteRequest, child_command
+from harness.config import RunConfig
 from tests import variants
 
 TODAY = "2026-01-01"
@@ -21,7 +21,8 @@ TODAY = "2026-01-01"
 def recorded(tiny_llama, tiny_llama_report, gates, tmp_path_factory):
     """tiny_llama's golden recorded from the session's clean run, in a directory of its own."""
     directory = tmp_path_factory.mktemp("golden")
-    outcome = golden.update(tiny_llama, tiny_llama_report.outputs, tiny_llama_report.results, gates, directory,
+    outcome = golden.update(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories,
+                            tiny_llama_report.results, gates, directory,
                             today=TODAY)
     assert outcome.status == "recorded", outcome.diff
     return directory
@@ -35,8 +36,7 @@ def by_stage(results):
 def rope_report(tiny_llama, gates, cache, recorded):
     """tiny_llama with a RoPE base 50% too large, same name: the golden check runs inside the pipeline."""
     pair = dataclasses.replace(tiny_llama, reauthored=variants.wrong_rope_base)
-    options = RunOptions(gates=gates, cache=cache, stages=(stages.REAUTHORED,),
-                         extra_checks=(golden.GoldenCheck(recorded),))
+    options = RunOptions(RunConfig(stages=(stages.REAUTHORED,)), gates, cache, (golden.GoldenCheck(recorded),))
     return pair, verify_pair(pair, options)
 
 
@@ -44,7 +44,7 @@ def rope_report(tiny_llama, gates, cache, recorded):
 
 def test_clean_run_matches_its_golden_and_the_committed_one(tiny_llama, tiny_llama_report, options, recorded):
     for directory in (recorded, golden.DEFAULT_GOLDEN_DIR):
-        results = golden.GoldenCheck(directory)(tiny_llama, tiny_llama_report.outputs, options)
+        results = golden.GoldenCheck(directory).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
         assert {r.stage for r in results} == {"hf", "reauthored", "exported", "stablehlo", "tflite_float",
                                                "tflite_dynamic_int8"}
         assert all(r.status == PASS for r in results), [r.message for r in results if r.status != PASS]
@@ -72,7 +72,8 @@ def test_rerecording_an_unchanged_run_is_byte_identical_and_keeps_the_date(tiny_
                                                                           gates, recorded, tmp_path):
     path = golden.golden_path(recorded, "tiny_llama")
     before = path.read_bytes()
-    outcome = golden.update(tiny_llama, tiny_llama_report.outputs, tiny_llama_report.results, gates, recorded,
+    outcome = golden.update(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories,
+                            tiny_llama_report.results, gates, recorded,
                             today="2099-12-31")
     assert outcome.status == "unchanged" and outcome.diff.endswith("unchanged")
     assert path.read_bytes() == before and json.loads(before)["provenance"]["recorded"] == TODAY
@@ -81,11 +82,13 @@ def test_rerecording_an_unchanged_run_is_byte_identical_and_keeps_the_date(tiny_
 def test_an_independent_run_records_the_same_bytes(tiny_llama, tiny_llama_report, gates, cache):
     """A second process-independent run (PyTorch, TFLite with XNNPack) rounds to exactly the same golden."""
     wanted = (stages.TFLITE_FLOAT, stages.tflite_stage("dynamic_int8"))
-    again = verify_pair(tiny_llama, RunOptions(gates=gates, cache=cache, stages=wanted))
-    subset = {k: v for k, v in tiny_llama_report.outputs.items()
+    again = verify_pair(tiny_llama, RunOptions(RunConfig(stages=wanted), gates, cache))
+    subset = {k: v for k, v in tiny_llama_report.state.logits.items()
               if k not in (stages.EXPORTED, stages.STABLEHLO)}
-    first = golden.record(tiny_llama, subset, tiny_llama_report.results, gates, recorded=TODAY)
-    second = golden.record(tiny_llama, again.outputs, again.results, gates, recorded=TODAY)
+    first = golden.record(tiny_llama, subset, tiny_llama_report.state.trajectories, tiny_llama_report.results, gates,
+                          recorded=TODAY)
+    second = golden.record(tiny_llama, again.state.logits, again.state.trajectories, again.results, gates,
+                           recorded=TODAY)
     assert list(second["stages"]) == ["hf", "reauthored", "tflite_float", "tflite_dynamic_int8"]
     assert golden.dumps(first) == golden.dumps(second)
     assert golden.dumps(golden.parse(golden.dumps(first), "x", "tiny_llama")) == golden.dumps(first)
@@ -112,12 +115,12 @@ def test_wrong_rope_base_is_caught_by_the_golden_check(rope_report):
 
 def test_update_refuses_a_stage_that_fails_parity_unless_forced(rope_report, gates, tmp_path):
     pair, rep = rope_report
-    outcome = golden.update(pair, rep.outputs, rep.results, gates, tmp_path, today=TODAY)
+    outcome = golden.update(pair, rep.state.logits, rep.state.trajectories, rep.results, gates, tmp_path, today=TODAY)
     assert outcome.status == "refused" and "reauthored" in outcome.refused
     assert "--force --reason" in outcome.diff and "max_abs_err" in outcome.diff
     assert not golden.golden_path(tmp_path, pair.name).exists()
-    forced = golden.update(pair, rep.outputs, rep.results, gates, tmp_path, force_reason="RoPE base moved on purpose",
-                           today=TODAY)
+    forced = golden.update(pair, rep.state.logits, rep.state.trajectories, rep.results, gates, tmp_path,
+                           force_reason="RoPE base moved on purpose", today=TODAY)
     assert forced.status == "recorded"
     doc = json.loads(golden.golden_path(tmp_path, pair.name).read_text())
     assert doc["provenance"]["forced"]["reason"] == "RoPE base moved on purpose"
@@ -128,7 +131,7 @@ def test_update_refuses_a_stage_that_fails_parity_unless_forced(rope_report, gat
 def test_diff_says_what_moved(rope_report, tiny_llama_report, tiny_llama, gates, recorded):
     pair, rep = rope_report
     old = golden.load(recorded, tiny_llama)
-    new = golden.record(pair, rep.outputs, rep.results, gates, recorded=TODAY,
+    new = golden.record(pair, rep.state.logits, rep.state.trajectories, rep.results, gates, recorded=TODAY,
                         versions={**old["provenance"]["versions"], "litert-torch": "9.9.9"})
     text = golden.render_diff(old, new, golden.golden_path(recorded, "tiny_llama"))
     assert "version litert-torch: 0.10.0 -> 9.9.9" in text
@@ -144,10 +147,10 @@ def test_diff_says_what_moved(rope_report, tiny_llama_report, tiny_llama, gates,
 
 def test_a_different_recipe_is_caught_against_the_dynamic_int8_golden(tiny_llama, gates, cache, recorded, options):
     wanted = (stages.tflite_stage("weight_only_int8"),)
-    rep = verify_pair(tiny_llama, RunOptions(gates=gates, cache=cache, quant=("weight_only_int8",), stages=wanted))
-    outputs = dict(rep.outputs)
-    outputs[stages.tflite_stage("dynamic_int8")] = outputs.pop(stages.tflite_stage("weight_only_int8"))
-    results = by_stage(golden.GoldenCheck(recorded)(tiny_llama, outputs, options))
+    rep = verify_pair(tiny_llama, RunOptions(RunConfig(quant=("weight_only_int8",), stages=wanted), gates, cache))
+    logits = dict(rep.state.logits)
+    logits[stages.tflite_stage("dynamic_int8")] = logits.pop(stages.tflite_stage("weight_only_int8"))
+    results = by_stage(golden.GoldenCheck(recorded).check(tiny_llama, logits, rep.state.trajectories, gates))
     assert results["tflite_float"].status == PASS
     r = results["tflite_dynamic_int8"]
     # e.g. "greedy_match=0.875 < 0.9; max_kl=0.007763 > 0.004; mean_kl=0.001634 > 0.0003; top1=0.9444 < 0.95;
@@ -169,13 +172,13 @@ def test_another_cpus_rounding_passes_the_quantized_golden(pairs, pair_report, o
     from harness.runners import TFLiteRunner, run_trajectory
 
     pair, report = pairs["smollm2"], pair_report("smollm2")
-    outputs = dict(report.outputs)
+    logits = dict(report.state.logits)
     for stage in (stages.TFLITE_FLOAT, stages.tflite_stage("dynamic_int8")):
         moved = tmp_path / f"{stage}.tflite"
-        assert variants.ulp_perturbed(report.outputs["artifacts"][stage], moved, seed=0) > 0
+        assert variants.ulp_perturbed(report.state.artifacts[stage], moved, seed=0) > 0
         runner = TFLiteRunner(moved, pair.export.prefill_lens, pair.export.kv_cache_max)
-        outputs[stage] = [run_trajectory(runner, t) for t in report.outputs["trajectories"]]
-    results = by_stage(golden.GoldenCheck()(pair, outputs, options))
+        logits[stage] = [run_trajectory(runner, t) for t in report.state.trajectories]
+    results = by_stage(golden.GoldenCheck().check(pair, logits, report.state.trajectories, options.gates))
     flt, int8 = results[stages.TFLITE_FLOAT], results[stages.tflite_stage("dynamic_int8")]
     assert flt.status == PASS and flt.metrics["max_abs_err"] < 1e-4, flt.message
     assert int8.metrics["max_abs_err"] > 0.05, "the emulated CPU no longer moves this stage: pick another seed"
@@ -187,7 +190,7 @@ def test_the_message_names_another_cpu(tiny_llama, tiny_llama_report, options, r
     doc = golden.load(recorded, tiny_llama)
     doc["provenance"]["host"]["isa"] = [*isa_features(), "avx512f", "avx512_vnni"]
     golden.save(tmp_path, doc)
-    results = by_stage(golden.GoldenCheck(tmp_path)(tiny_llama, tiny_llama_report.outputs, options))
+    results = by_stage(golden.GoldenCheck(tmp_path).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates))
     assert all(r.status == PASS for r in results.values())
     assert "another CPU: recorded with avx512_vnni, avx512f" in results["tflite_dynamic_int8"].message
 
@@ -199,20 +202,22 @@ def test_a_tanh_erf_gelu_switch_fails_the_float_golden(pairs, pair_report, optio
     from harness.runners import run_trajectory
 
     pair, report = pairs["phi2"], pair_report("phi2")
-    programs = report.outputs["programs"]
+    programs = report.state.programs
     _, _, bodies = lower_programs(programs, bodies_of=tuple(programs))
     runner = StableHLORunner(bodies, pair.export.prefill_lens, pair.export.kv_cache_max)
-    outputs = {**report.outputs, stages.STABLEHLO: [run_trajectory(runner, t) for t in report.outputs["trajectories"]]}
-    r = by_stage(golden.GoldenCheck()(pair, outputs, options))[stages.STABLEHLO]
+    logits = {**report.state.logits, stages.STABLEHLO: [run_trajectory(runner, t) for t in report.state.trajectories]}
+    r = by_stage(golden.GoldenCheck().check(pair, logits, report.state.trajectories, options.gates))[stages.STABLEHLO]
     assert r.status == FAIL and r.metrics["max_abs_err"] > 3e-4, r.message
 
 
 def test_a_stage_without_a_golden_is_a_skip_or_in_release_mode_an_error(tiny_llama, tiny_llama_report, options,
                                                                         recorded):
-    outputs = dict(tiny_llama_report.outputs)
-    outputs[stages.tflite_stage("fp16")] = outputs[stages.TFLITE_FLOAT]
-    normal = by_stage(golden.GoldenCheck(recorded)(tiny_llama, outputs, options))["tflite_fp16"]
-    strict = by_stage(golden.GoldenCheck(recorded, strict=True)(tiny_llama, outputs, options))["tflite_fp16"]
+    state = tiny_llama_report.state
+    logits = {**state.logits, stages.tflite_stage("fp16"): state.logits[stages.TFLITE_FLOAT]}
+    normal = by_stage(golden.GoldenCheck(recorded).check(tiny_llama, logits, state.trajectories, options.gates))
+    strict = by_stage(golden.GoldenCheck(recorded, strict=True).check(tiny_llama, logits, state.trajectories,
+                                                                      options.gates))
+    normal, strict = normal["tflite_fp16"], strict["tflite_fp16"]
     assert normal.status == SKIP and strict.status == ERROR
     assert "harness golden update --models tiny_llama --quant fp16" in normal.message
 
@@ -240,7 +245,7 @@ def _good_text(recorded):
 def test_a_broken_golden_is_an_error_naming_the_file_and_the_fix(breakage, expected, tiny_llama, tiny_llama_report,
                                                                  options, recorded, tmp_path):
     directory = _broken(tmp_path / "g", breakage(_good_text(recorded)))
-    [r] = golden.GoldenCheck(directory)(tiny_llama, tiny_llama_report.outputs, options)
+    [r] = golden.GoldenCheck(directory).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
     assert (r.stage, r.check, r.status) == (golden.GOLDEN, golden.GOLDEN, ERROR)
     assert expected in r.message, r.message
     assert display_path(golden.golden_path(directory, "tiny_llama")) in r.message
@@ -251,15 +256,15 @@ def test_a_broken_golden_is_an_error_naming_the_file_and_the_fix(breakage, expec
 
 def test_a_golden_of_another_pair_definition_is_an_error(tiny_llama, tiny_llama_report, options, recorded):
     other = dataclasses.replace(tiny_llama, hf_config={**tiny_llama.hf_config, "rope_theta": 5000.0})
-    [r] = golden.GoldenCheck(recorded)(other, tiny_llama_report.outputs, options)
+    [r] = golden.GoldenCheck(recorded).check(other, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
     assert r.status == ERROR and "was recorded for another definition of tiny_llama" in r.message
     assert "harness golden update --models tiny_llama" in r.message
 
 
 def test_a_missing_golden_is_a_skip_normally_and_an_error_in_release_mode(tiny_llama, tiny_llama_report, options,
                                                                          tmp_path):
-    [normal] = golden.GoldenCheck(tmp_path)(tiny_llama, tiny_llama_report.outputs, options)
-    [strict] = golden.GoldenCheck(tmp_path, strict=True)(tiny_llama, tiny_llama_report.outputs, options)
+    [normal] = golden.GoldenCheck(tmp_path).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
+    [strict] = golden.GoldenCheck(tmp_path, strict=True).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
     assert normal.status == SKIP and strict.status == ERROR
     assert "no golden for tiny_llama" in normal.message
     assert "harness golden update --models tiny_llama" in normal.message
@@ -267,8 +272,8 @@ def test_a_missing_golden_is_a_skip_normally_and_an_error_in_release_mode(tiny_l
 
 def test_a_corrupt_golden_does_not_stop_the_other_checks(tiny_llama, gates, cache, recorded, tmp_path):
     directory = _broken(tmp_path / "g", "{not json")
-    rep = verify_pair(tiny_llama, RunOptions(gates=gates, cache=cache, stages=(stages.REAUTHORED,),
-                                             extra_checks=(golden.GoldenCheck(directory),)))
+    rep = verify_pair(tiny_llama, RunOptions(RunConfig(stages=(stages.REAUTHORED,)), gates, cache,
+                                             (golden.GoldenCheck(directory),)))
     statuses = {(r.stage, r.check): r.status for r in rep.results}
     assert statuses[(golden.GOLDEN, golden.GOLDEN)] == ERROR
     assert statuses[("reauthored", "logits")] == PASS and statuses[("hf", "sensitivity")] == PASS
@@ -314,12 +319,15 @@ def test_verify_against_golden_writes_the_release_summary(tiny_llama, tiny_llama
 
 
 def test_golden_options_reach_the_child_process(tmp_path):
-    request = SuiteRequest(tmp_path, "g.toml", "cache", golden_dir="/x/golden", against="golden")
-    command = child_command(request, "tiny_llama", tmp_path / "r.json")
-    assert command[command.index("--golden-dir") + 1] == "/x/golden"
-    assert command[command.index("--against") + 1] == "golden"
-    args = cli.build_parser().parse_args(command[3:])
-    assert args.golden_dir == "/x/golden" and args.against == "golden"
+    """What a child is handed is the parent's RunConfig, golden settings included, and it builds the same check."""
+    from harness import suite
+
+    args = cli.build_parser().parse_args(["verify", "--golden-dir", str(tmp_path), "--against", "golden"])
+    config = RunConfig.from_cli(args, "verify")
+    again = RunConfig.from_json(config.to_json())
+    assert again == config
+    (check,) = [c for c in suite.verify_checks(again) if isinstance(c, golden.GoldenCheck)]
+    assert check.golden_dir == tmp_path and check.strict
 
 
 def test_force_needs_a_reason():
@@ -340,5 +348,5 @@ def test_a_golden_recorded_on_other_prompts_is_an_error(tiny_llama, tiny_llama_r
     doc["prompts"][1]["tokens"][0] += 1
     directory = tmp_path / "g"
     golden.save(directory, doc)
-    [r] = golden.GoldenCheck(directory)(tiny_llama, tiny_llama_report.outputs, options)
+    [r] = golden.GoldenCheck(directory).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates)
     assert r.status == ERROR and "recorded on other prompts" in r.message and "prompt 1 differs" in r.message

@@ -15,11 +15,9 @@ from safetensors.torch import load_file, save_file
 from harness import cli, stages
 from harness.checkpoint import build_reauthored, reference_checkpoint
 from harness.errors import CheckpointError
-from harness.gates import DEFAULT_GATES_PATH
 from harness.pairs import discover
-from harness.pipeline import verify_pair
 from harness.records import ERROR, FAIL, PASS, XFAIL
-from harness.suite import SuiteRequest, run_suite
+from harness.suite import run_suite
 
 QUICK_STAGES = (stages.HF, stages.REAUTHORED)
 
@@ -61,7 +59,7 @@ def test_unrelated_or_shuffled_logits_fail_every_quantized_gate(pair_name, pairs
     from harness.gates import Gate
 
     report = pair_report(pair_name)
-    reference = report.outputs[stages.TFLITE_FLOAT]
+    reference = report.state.logits[stages.TFLITE_FLOAT]
     rng = np.random.default_rng(0)
     flat = np.concatenate(reference)
     shuffled_rows = flat[rng.permutation(len(flat))]
@@ -135,9 +133,8 @@ def test_unsupported_architecture_is_an_error_record_and_others_run(change, mess
     fields = {k: v for k, v in change.items() if k != "hf_config_update"}
     config = {**tiny_llama.hf_config, **change.get("hf_config_update", {})}
     broken = dataclasses.replace(tiny_llama, name="broken", hf_config=config, **fields)
-    quick = dataclasses.replace(options, stages=QUICK_STAGES)
-    request = SuiteRequest(tmp_path, str(DEFAULT_GATES_PATH), str(options.cache.root), stages=QUICK_STAGES)
-    document = run_suite([broken, tiny_llama], request, quick, echo=lambda line: None, isolate=False)
+    quick = options.derive(stages=QUICK_STAGES, models=("broken", "tiny_llama"), isolate=False, out=str(tmp_path))
+    document = run_suite(quick.config, lambda line: None, quick, extra_pairs={"broken": broken})
     by_model = {}
     for r in document["results"]:
         by_model.setdefault(r["model"], []).append(r)

@@ -52,7 +52,7 @@ def test_stablehlo_markers_are_resolved_not_left(tiny_llama_report):
 
 @pytest.mark.parametrize("builder", [variants.wrong_rope_base, variants.swapped_gate_up])
 def test_reauthoring_defect_fails_at_reauthored(builder, options):
-    options = dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))
+    options = options.derive(stages=(stages.HF, stages.REAUTHORED))
     results = by_stage(verify_pair(variants.variant(builder), options))
     logits = results["reauthored"]["logits"]
     assert logits.status == FAIL
@@ -62,7 +62,7 @@ def test_reauthoring_defect_fails_at_reauthored(builder, options):
 
 
 def test_export_only_defect_fails_at_exported_and_its_descendants(options):
-    options = dataclasses.replace(options, stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
+    options = options.derive(stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
     results = by_stage(verify_pair(variants.variant(variants.skewed_when_exported), options))
     assert results["reauthored"]["logits"].status == PASS
     assert results["exported"]["logits"].status == FAIL
@@ -71,19 +71,19 @@ def test_export_only_defect_fails_at_exported_and_its_descendants(options):
 
 
 def test_a_stage_error_is_recorded_and_the_rest_still_run(options):
-    options = dataclasses.replace(options, stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
+    options = options.derive(stages=(stages.EXPORTED, stages.STABLEHLO, stages.TFLITE_FLOAT))
     report = verify_pair(variants.variant(variants.fails_to_export), options)
     results = by_stage(report)
     assert results["reauthored"]["logits"].status == PASS
     assert results["exported"]["stage"].status == ERROR
     assert "injected: this model cannot be exported" in results["exported"]["stage"].message
     assert results["stablehlo"]["stage"].status == SKIP
-    assert "needs programs" in results["stablehlo"]["stage"].message
+    assert "needs exported, which did not run" in results["stablehlo"]["stage"].message
     assert results["tflite_float"]["stage"].status == ERROR
 
 
 def test_too_low_init_std_fails_sensitivity(options):
-    options = dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))
+    options = options.derive(stages=(stages.HF, stages.REAUTHORED))
     pair = dataclasses.replace(variants.variant(variants.wrong_rope_base), init_std=0.02)
     results = by_stage(verify_pair(pair, options))
     assert results["hf"]["sensitivity"].status == FAIL
@@ -112,7 +112,7 @@ def test_a_stablehlo_only_lowering_defect_fails_at_stablehlo_despite_the_declare
     eager and exported models never see the body; the composite_body record at stablehlo does, and the
     pair's declared GELU defect does not excuse it (outside its band)."""
     _patched_lowering(monkeypatch, torch.ops.aten.gelu, lambda y: y * 1.5)
-    options = dataclasses.replace(options, stages=(stages.STABLEHLO,))
+    options = options.derive(stages=(stages.STABLEHLO,))
     results = by_stage(verify_pair(pairs["phi2"], options))
     assert results["exported"]["logits"].status == PASS
     assert results["stablehlo"]["logits"].status == PASS  # resolved from the attribute, as the converter does
@@ -124,7 +124,7 @@ def test_a_stablehlo_only_lowering_defect_fails_at_stablehlo_despite_the_declare
 def test_a_logit_error_at_stablehlo_is_not_excused_by_the_declared_gelu_defect(pairs, options, monkeypatch):
     """RoPE's cos lowered 10% off: stablehlo logits fail outright on a pair that declares a stablehlo defect."""
     _patched_lowering(monkeypatch, torch.ops.aten.cos, lambda y: y * 1.1)
-    options = dataclasses.replace(options, stages=(stages.STABLEHLO,))
+    options = options.derive(stages=(stages.STABLEHLO,))
     results = by_stage(verify_pair(pairs["phi2"], options))
     logits = results["stablehlo"]["logits"]
     assert logits.status == FAIL and logits.defect is None, logits.message
@@ -132,13 +132,13 @@ def test_a_logit_error_at_stablehlo_is_not_excused_by_the_declared_gelu_defect(p
 
 
 def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_defect(pairs, options, monkeypatch):
-    from harness import pipeline
+    from harness import lowering
 
     def crash(*args, **kwargs):
         raise RuntimeError("injected: the lowering crashed")
 
-    monkeypatch.setattr(pipeline, "lower_programs", crash)
-    results = by_stage(verify_pair(pairs["phi2"], dataclasses.replace(options, stages=(stages.STABLEHLO,))))
+    monkeypatch.setattr(lowering, "lower_programs", crash)
+    results = by_stage(verify_pair(pairs["phi2"], options.derive(stages=(stages.STABLEHLO,))))
     assert results["stablehlo"]["stage"].status == ERROR
     assert "injected: the lowering crashed" in results["stablehlo"]["stage"].message
 
@@ -167,7 +167,7 @@ def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, t
 
     monkeypatch.setattr(converter, "convert_to_tflite", defective)
     with ArtifactCache(tmp_path / "cache", shared=False) as private:  # a patched converter must not publish
-        report = verify_pair(pairs["phi2"], dataclasses.replace(options, cache=private, quant=(),
+        report = verify_pair(pairs["phi2"], options.derive(cache=private, quant=(),
                                                                  stages=(stages.TFLITE_FLOAT,)))
     results = by_stage(report)
     assert results["reauthored"]["logits"].status == PASS
@@ -180,7 +180,7 @@ def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, t
 def test_each_familys_distinguishing_feature_broken_fails_at_reauthored(pair_name, defect, change, failing, pairs,
                                                                         options):
     pair = variants.broken(pairs[pair_name], defect, change)
-    results = by_stage(verify_pair(pair, dataclasses.replace(options, stages=(stages.HF, stages.REAUTHORED))))
+    results = by_stage(verify_pair(pair, options.derive(stages=(stages.HF, stages.REAUTHORED))))
     assert results["hf"]["sensitivity"].status == PASS
     reauthored = results["reauthored"]
     caught = {check: r for check, r in reauthored.items() if r.status in (FAIL, ERROR)}
@@ -193,7 +193,7 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
     from harness.errors import HarnessError
 
     for stage in (stages.REAUTHORED, stages.TFLITE_FLOAT):
-        runner = tiny_llama_report.outputs["runners"][stage]
+        runner = tiny_llama_report.state.runners[stage]
         kv = runner.empty_kv()
         runner.decode(1, runner.kv_cache_max - 1, kv)  # the last slot works
         with pytest.raises(HarnessError, match="outside the KV cache"):
@@ -201,17 +201,17 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
 
 
 def test_a_released_flatbuffer_reopens_and_gives_the_same_logits(tiny_llama_report):
-    runner = tiny_llama_report.outputs["runners"][stages.TFLITE_FLOAT]
+    runner = tiny_llama_report.state.runners[stages.TFLITE_FLOAT]
     runner.release()  # the pipeline releases every flatbuffer after its stage
     assert runner.runners is None
-    trajectory = tiny_llama_report.outputs["trajectories"][0]
+    trajectory = tiny_llama_report.state.trajectories[0]
     tokens = trajectory.tokens[:trajectory.prompt_len]
     first, _ = runner.prefill(tokens, runner.empty_kv())
     assert runner.runners is not None
     runner.release()
     again, _ = runner.prefill(tokens, runner.empty_kv())
     assert np.array_equal(first, again)
-    assert np.array_equal(first, tiny_llama_report.outputs[stages.TFLITE_FLOAT][0][:len(tokens)])
+    assert np.array_equal(first, tiny_llama_report.state.logits[stages.TFLITE_FLOAT][0][:len(tokens)])
 
 
 def test_modules_too_large_to_inline_are_sized_by_their_distinct_weights():
@@ -233,9 +233,9 @@ def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, t
     from harness.lowering import StableHLORunner, lower_programs
     from harness.runners import run_trajectory
 
-    outputs, export = tiny_llama_report.outputs, tiny_llama.export
-    lowered, _, _ = lower_programs(outputs["programs"], inline_weights=False)
+    state, export = tiny_llama_report.state, tiny_llama.export
+    lowered, _, _ = lower_programs(state.programs, inline_weights=False)
     assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
     runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
-    for trajectory, inlined in zip(outputs["trajectories"], outputs[stages.STABLEHLO]):
+    for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
         np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)

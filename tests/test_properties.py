@@ -78,13 +78,13 @@ def stage_under_test(property_runs, pairs, gates, options):
     def get(pair_name: str, stage: str) -> StageUnderTest:
         if (pair_name, stage) not in built:
             report = property_runs(pair_name)
-            runner = report.outputs["runners"].get(stage)
+            runner = report.state.runners.get(stage)
             if runner is None:
                 failed = [r.message for r in report.results if r.stage == stage and r.status != PASS]
                 pytest.skip(f"{pair_name} has no runner at {stage}: {failed or 'stage not run'}")
             built[(pair_name, stage)] = StageUnderTest(
-                pairs[pair_name], stage, runner, props.fresh_runner(stage, runner, report.outputs, options.num_threads),
-                load_hf(pairs[pair_name], report.outputs["checkpoint"]), gates)
+                pairs[pair_name], stage, runner, props.fresh_runner(runner, options.num_threads),
+                load_hf(pairs[pair_name], report.state.checkpoint), gates)
         return built[(pair_name, stage)]
 
     return get
@@ -227,7 +227,7 @@ def test_going_past_the_end_of_the_cache_is_a_harness_error(stage_under_test, pa
 def test_verify_records_prefill_decode_and_kv_cache_per_stage(property_runs, pairs, options, pair_name):
     report = property_runs(pair_name)  # verified with the property checks, as `harness verify` does
     results = [r for r in report.results if r.check in (stages.PREFILL_DECODE, stages.KV_CACHE)]
-    expected = {(stage, check) for stage in props.property_stages(report.outputs["runners"])
+    expected = {(stage, check) for stage in props.property_stages(report.state.runners)
                 for check in (stages.PREFILL_DECODE, stages.KV_CACHE)}
     assert {(r.stage, r.check) for r in results} == expected and len(results) == len(expected)
     failed = [(r.stage, r.check, r.message) for r in results if r.status != PASS]
@@ -236,11 +236,12 @@ def test_verify_records_prefill_decode_and_kv_cache_per_stage(property_runs, pai
 
 
 def test_verify_runs_the_properties_by_default():
-    from harness import cli
+    from harness import cli, suite
+    from harness.config import RunConfig
 
-    options = cli._options(cli.build_parser().parse_args(["verify"]))
-    assert props.property_checks in options.extra_checks
-    assert props.property_checks.stage == stages.PROPERTIES
+    config = RunConfig.from_cli(cli.build_parser().parse_args(["verify"]), "verify")
+    assert props.property_checks in suite.verify_checks(config)
+    assert props.property_checks.name == stages.PROPERTIES
 
 
 # --- every property can fail: real defects, and which property catches each ---------------------
@@ -360,13 +361,11 @@ def test_blind_spots_are_as_documented(stage_under_test, defect_cases, defect):
         assert caught(sut, runner, prop, defect_cases) <= 1, prop
 
 
-def test_a_defect_fails_verify_records_with_a_reproduce_command(property_runs, pairs, options):
-    pair = pairs["tiny_llama"]
-    outputs = dict(property_runs("tiny_llama").outputs)
-    runners = outputs["runners"]
-    outputs["runners"] = {stages.TFLITE_FLOAT: WritesOneSlotLate(runners[stages.TFLITE_FLOAT]),
-                          stages.REAUTHORED: runners[stages.REAUTHORED]}
-    results = {(r.stage, r.check): r for r in props.property_checks(pair, outputs, options)}
+def test_a_defect_fails_verify_records_with_a_reproduce_command(property_runs):
+    state = property_runs("tiny_llama").state
+    runners = {stages.TFLITE_FLOAT: WritesOneSlotLate(state.runners[stages.TFLITE_FLOAT]),
+               stages.REAUTHORED: state.runners[stages.REAUTHORED]}
+    results = {(r.stage, r.check): r for r in props.property_checks(dataclasses.replace(state, runners=runners))}
     assert results[(stages.REAUTHORED, stages.KV_CACHE)].status == PASS
     broken = results[(stages.TFLITE_FLOAT, stages.KV_CACHE)]
     assert broken.status == FAIL and broken.metrics["stray_slots"] > 0 and broken.metrics["missed_writes"] > 0

@@ -76,7 +76,7 @@ def test_real_model_accuracy_table(real_report, gates):
 
 @pytest.mark.slow
 def test_shipped_prompts_match_the_gguf_tokenizer(real_report):
-    tokenizer = realtext.load_tokenizer(real_report.outputs["checkpoint"])
+    tokenizer = realtext.load_tokenizer(real_report.state.checkpoint)
     shipped = realtext.load_prompts(realtext.DATA_DIR / "gemma3_270m_prompts.json")
     fresh = [r["ids"] for r in realtext.prompt_records(tokenizer, len(shipped[0]))]
     assert shipped == fresh, ("harness/data/gemma3_270m_prompts.json is stale: regenerate it with "
@@ -224,7 +224,7 @@ def test_greedy_text_names_the_first_difference(tiny_llama, tiny_hf):
 
 def test_real_text_on_real_flatbuffers(tiny_llama, tiny_hf, tiny_llama_report):
     """The real-text check on tiny_llama's real float and dynamic_int8 flatbuffers (XNNPack), no stand-in."""
-    runners = {stage: tiny_llama_report.outputs["runners"][stage] for stage in (stages.TFLITE_FLOAT, INT8)}
+    runners = {stage: tiny_llama_report.state.runners[stage] for stage in (stages.TFLITE_FLOAT, INT8)}
     gates = _text_gates({stages.TFLITE_FLOAT: {"max_ppl_ratio_vs_hf": 1.0001, "max_mean_kl": 1e-6, "min_top1": 1.0},
                          INT8: {"max_mean_kl": 0.1, "min_top1": 0.5}})
     hf, flt, int8 = realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(), gates, DOCUMENTS)
@@ -233,7 +233,7 @@ def test_real_text_on_real_flatbuffers(tiny_llama, tiny_hf, tiny_llama_report):
     assert flt.metrics["kl_vs"] == stages.HF and int8.metrics["kl_vs"] == stages.TFLITE_FLOAT
     assert int8.metrics["mean_kl"] > 1e-4  # really quantized, and measured against the float flatbuffer
     assert not any(r.runners for r in runners.values())  # released after its last pass
-    trajectories = tiny_llama_report.outputs["trajectories"]
+    trajectories = tiny_llama_report.state.trajectories
     text_gates = Gates.from_dict({"models": {"tiny_llama": {stages.TFLITE_FLOAT: {
         realtext.GREEDY_TEXT: {"min_identical": 1.0}}}}})
     (same,) = realtext.greedy_text(tiny_llama, {stages.TFLITE_FLOAT: runners[stages.TFLITE_FLOAT]}, trajectories,

@@ -1,0 +1,109 @@
+"""The one child-process protocol, both ends: a job in, events out as they happen, a result (or partial result) back.
+
+The parent writes the job ({"kind", "payload"}) to a file and starts `python -m harness.child JOB RESULT`.
+The child runs the handler registered for the kind; it reports events (progress lines) on stdout as
+JSON lines behind EVENT, and may write partial results as it goes, so a child that dies keeps what it
+finished. A fresh process per job keeps one model's crash, allocator state or packed weights away
+from the next: `harness verify` runs one pair per child, `harness bench` one measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+EVENT = "[edge-parity event] "
+# kind -> "module:function"; a handler is (payload, Channel) -> result. Imported only in the child.
+HANDLERS = {
+    "verify_pair": "harness.suite:verify_pair_job",
+    "bench_tflite": "harness.bench_worker:measure_tflite",
+    "bench_quick": "harness.bench_worker:measure_quick",
+    "bench_reauthored": "harness.bench_worker:measure_reauthored",
+    "bench_bandwidth": "harness.bench_worker:measure_bandwidth",
+    "bench_delegation": "harness.bench_worker:measure_delegation",
+}
+
+
+@dataclasses.dataclass
+class ChildFailed(Exception):
+    """The child exited non-zero or wrote no final result: its exit code, last output and partial result."""
+
+    kind: str
+    code: int
+    tail: list[str]
+    partial: dict[str, Any] | None
+
+    def __str__(self) -> str:
+        return f"{self.kind} child exited with {self.code}: " + " | ".join(t for t in self.tail if t.strip())[-1500:]
+
+
+class Channel:
+    """The child's side: report an event, save a partial result."""
+
+    def __init__(self, result_path: Path):
+        self.result_path = result_path
+
+    def event(self, **event: Any) -> None:
+        print(EVENT + json.dumps(event, default=str), flush=True)
+
+    def partial(self, result: dict[str, Any]) -> None:
+        _write(self.result_path, {"partial": True, "result": result})
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    from harness.report import write_atomic
+
+    write_atomic(path, json.dumps(data, default=str))
+
+
+def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | None = None,
+        timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs one job in a fresh Python process; returns its result or raises ChildFailed."""
+    if kind not in HANDLERS:
+        raise ValueError(f"no child handler for {kind!r}")
+    with tempfile.TemporaryDirectory(prefix="edge-parity-child-") as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps({"kind": kind, "payload": payload}, default=str))
+        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        proc = subprocess.Popen([sys.executable, "-m", "harness.child", str(job_path), str(result_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=environment)
+        tail: list[str] = []
+        try:
+            for line in proc.stdout:
+                if line.startswith(EVENT):
+                    if on_event:
+                        on_event(json.loads(line[len(EVENT):]))
+                else:
+                    tail = (tail + [line.rstrip("\n")])[-15:]
+            code = proc.wait(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        written = json.loads(result_path.read_text()) if result_path.exists() else None
+    if code == 0 and written is not None and not written.get("partial"):
+        return written["result"]
+    raise ChildFailed(kind, code, tail, written["result"] if written else None)
+
+
+def main(argv: list[str]) -> int:
+    """The child's entry point: runs the job's handler and writes its result."""
+    job = json.loads(Path(argv[0]).read_text())
+    module, function = HANDLERS[job["kind"]].split(":")
+    handler = getattr(importlib.import_module(module), function)
+    channel = Channel(Path(argv[1]))
+    result = handler(job["payload"], channel)
+    _write(channel.result_path, {"partial": False, "result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
