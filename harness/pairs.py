@@ -98,8 +98,8 @@ class ModelPair:
     init_std: float = 0.15
     # For a real model: builds the float checkpoint dir itself instead of random init.
     checkpoint_builder: Callable[[Path], None] | None = None
-    # Checks beyond the standard ones, run after every stage: (pair, outputs, options) -> [CheckResult].
-    extra_checks: tuple[Callable[..., Any], ...] = ()
+    # Checks beyond the standard ones, run after every stage (pipeline.ExtraCheck), or their "module:name".
+    extra_checks: tuple[Any, ...] = ()
     # Extra checks this pair opts out of, by name, each with the reason the report shows.
     skipped_checks: tuple[tuple[str, str], ...] = ()
     suites: tuple[str, ...] = ("default", "full")
@@ -118,6 +118,16 @@ class ModelPair:
                 f"model pair {self.name!r} lists unknown quant recipes {sorted(unknown)}; "
                 f"known: {', '.join(QUANT_RECIPES)}"
             )
+
+
+def resolve(reference: Any) -> Any:
+    """An object named "package.module:attribute" (or a module, "package.module"), imported now; anything
+    else as it is. Pair files name litert-torch's code this way, so listing pairs imports none of it."""
+    if not isinstance(reference, str):
+        return reference
+    module, _, attribute = reference.partition(":")
+    imported = importlib.import_module(module)
+    return getattr(imported, attribute) if attribute else imported
 
 
 _LIBRARY_DIRS = tuple(sorted({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}))

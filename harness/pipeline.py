@@ -23,7 +23,7 @@ from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gate, Gates, gate_for, load_gates
 from harness.memory import peak_rss_mb, release_freed
-from harness.pairs import ModelPair
+from harness.pairs import ModelPair, resolve
 from harness.paths import scrub
 from harness.records import ERROR, SKIP, CheckResult
 from harness.workload import Trajectory
@@ -316,7 +316,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
         for check, reason in skipped.items():
             report.results.append(CheckResult(pair.name, check, stages.STAGE_RUN, SKIP,
                                               message=f"skipped for this pair: {reason}"))
-        for extra in (*options.extra_checks, *pair.extra_checks):
+        for extra in (*options.extra_checks, *map(resolve, pair.extra_checks)):
             if extra.name not in skipped:
                 _run_step(report, state, extra.name, (stages.REAUTHORED,), functools.partial(extra, state), progress)
     state.notes["cache"] = tally

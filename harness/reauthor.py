@@ -8,10 +8,12 @@ architecture (soft-caps, windows, RoPE scaling), and builds with `decoder_builde
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from litert_torch.generative.layers import model_config as cfg
-from litert_torch.generative.utilities import model_builder
+from harness.pairs import resolve
+
+if TYPE_CHECKING:  # litert-torch is imported when a model is built, so listing pairs stays fast
+    from litert_torch.generative.layers import model_config as cfg
 
 # The shape every tiny pair starts from (a pair file adds its KV heads and what is particular to it):
 # converts in seconds, and 256 positions leave room for every workload and KV cache.
@@ -65,11 +67,13 @@ def shrink_config(config: cfg.ModelConfig, hf_config: dict[str, Any]) -> cfg.Mod
 
 
 def _build_decoder(config_fn, tensor_names, model_class, checkpoint_path, custom_loader=None, mask_cache_size=0):
+    from litert_torch.generative.utilities import model_builder
+
     return model_builder.build_decoder_only_model(
         checkpoint_path=checkpoint_path,
         config=config_fn(),
-        tensor_names=tensor_names,
-        model_class=model_class,
+        tensor_names=resolve(tensor_names),
+        model_class=resolve(model_class),
         custom_loader=custom_loader,
         mask_cache_size=mask_cache_size,
     )
@@ -78,7 +82,19 @@ def _build_decoder(config_fn, tensor_names, model_class, checkpoint_path, custom
 def decoder_builder(config_fn: Callable[[], cfg.ModelConfig], tensor_names, model_class) -> Callable[..., Any]:
     """A pair's `reauthored`: litert-torch's decoder-only builder on `config_fn()`, loading by `tensor_names`.
 
-    The example modules' own build_* functions are not used: several retry other tensor-name
-    maps on a KeyError (or return None), which would hide a missing checkpoint tensor.
+    `tensor_names` and `model_class` may be objects or "module:attribute" names of litert-torch's example
+    modules, imported only when the model is built. The example modules' own build_* functions are not
+    used: several retry other tensor-name maps on a KeyError (or return None), which would hide a
+    missing checkpoint tensor.
     """
     return functools.partial(_build_decoder, config_fn, tensor_names, model_class)
+
+
+def _call(reference: str, *args, **kwargs):
+    return resolve(reference)(*args, **kwargs)
+
+
+def builder(reference: str) -> Callable[..., Any]:
+    """A pair's `reauthored` that is litert-torch's own builder, named "module:function" and imported when
+    a model is built."""
+    return functools.partial(_call, reference)

@@ -9,13 +9,15 @@ when its argmax matches the reference's token at every generated position.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from harness.errors import HarnessError
 from harness.pairs import ModelPair, Workload
+
+if TYPE_CHECKING:  # torch is imported by the functions that run a model, so pair files load without it
+    import torch
 
 
 @dataclasses.dataclass
@@ -58,6 +60,8 @@ def text_prompts(workload: TextWorkload) -> list[np.ndarray]:
 
 def greedy_trajectory(hf_model: torch.nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple[Trajectory, np.ndarray]:
     """Greedy continuation by the HF reference, and its logits at every position but the last."""
+    import torch
+
     tokens = torch.as_tensor(prompt, dtype=torch.long)[None]
     with torch.no_grad():
         for _ in range(new_tokens):

@@ -8,17 +8,15 @@ transformers, so HF, the re-authored model and every flatbuffer share exactly th
 import tempfile
 from pathlib import Path
 
-from litert_torch.generative.examples.gemma3 import decoder
-
-from harness import realtext
 from harness.errors import HarnessError
 from harness.pairs import ExportSettings, ModelPair
+from harness.reauthor import builder
 from harness.workload import TextWorkload
 from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 
-# Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer; regenerate with
-# realtext.write_prompts(tokenizer, 200, PROMPTS) if the corpus changes (tests/test_real_model.py checks).
-PROMPTS = realtext.DATA_DIR / "gemma3_270m_prompts.json"
+# Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer (harness/data); regenerate
+# with realtext.write_prompts(tokenizer, 200, path) if the corpus changes (tests/test_real_model.py checks).
+PROMPTS = "gemma3_270m_prompts.json"
 
 
 def build_checkpoint(out: Path) -> None:
@@ -42,7 +40,9 @@ def build_checkpoint(out: Path) -> None:
 
 def prompts() -> list[list[int]]:
     """Real-text prompts: the start of the Harbour Light story, the Zen of Python, bisect.py."""
-    return realtext.load_prompts(PROMPTS)
+    from harness import realtext
+
+    return realtext.load_prompts(realtext.DATA_DIR / PROMPTS)
 
 
 PAIR = ModelPair(
@@ -53,12 +53,12 @@ PAIR = ModelPair(
               "tied embedding", "262k vocab"),
     hf_class="Gemma3ForCausalLM",
     hf_config={},  # the checkpoint builder writes the real config
-    reauthored=decoder.build_model_270m,
+    reauthored=builder("litert_torch.generative.examples.gemma3.decoder:build_model_270m"),
     # Windows of 1024 tokens read through prefill_256 reach past the 512-token sliding window.
     export=ExportSettings(prefill_lens=(128, 256), kv_cache_max=1024),
     workload=TextWorkload(prompt_lens=(16, 64, 160), new_tokens=16, prompts=prompts),
     checkpoint_builder=build_checkpoint,
-    extra_checks=(realtext.text_eval,),
+    extra_checks=("harness.realtext:text_eval",),
     # Measured: the seeded property sample held ~18 GiB on this model (262k vocab, 1024 cache);
     # the tiny gemma3 pair covers the same architecture's properties.
     skipped_checks=(("properties", "needs ~18 GiB on a 262k-vocabulary model; covered by the tiny gemma3 pair"),),

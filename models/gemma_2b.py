@@ -4,8 +4,6 @@ Declares models/_defects.py GELU_TANH_LOWERED_AS_ERF: its stablehlo composite_bo
 measured band; every stage, stablehlo included, gates at full tolerance.
 """
 
-from litert_torch.generative.examples.gemma import gemma1
-
 from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
@@ -21,8 +19,13 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.gemma.gemma1"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's Gemma 2B config, cut to HF_CONFIG's shape, embeddings scaled by sqrt(width)."""
+    from litert_torch.generative.examples.gemma import gemma1
+
     config = shrink_config(gemma1.get_model_config_2b(), HF_CONFIG)
     config.embedding_scale = HF_CONFIG["hidden_size"] ** 0.5
     return config
@@ -34,9 +37,9 @@ PAIR = ModelPair(
     features=("MQA", "tied embeddings", "embedding scaling", "GeGLU", "zero-centered RMSNorm"),
     hf_class="GemmaForCausalLM",
     hf_config=HF_CONFIG,
-    # gemma1.build_2b_model retries other tensor-name maps on KeyError, which would hide a
+    # f"{EXAMPLE}:build_2b_model" retries other tensor-name maps on KeyError, which would hide a
     # missing tensor; the HF safetensors layout is TENSOR_NAMES_SEP_QKV.
-    reauthored=decoder_builder(reauthored_config, gemma1.TENSOR_NAMES_SEP_QKV, gemma1.Gemma1),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES_SEP_QKV", f"{EXAMPLE}:Gemma1"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
     # Gemma's zero-centered norms scale by 1 + w (about 2 under the default init) and its
     # embeddings by sqrt(hidden): at std 0.15 attention saturates (entropy ratio 0.10) and

@@ -2,9 +2,6 @@
 
 import functools
 
-import torch
-from litert_torch.generative.examples.llama import llama
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -28,8 +25,14 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.llama.llama"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's Llama 3.2 1B config, cut to HF_CONFIG's shape, with its llama3 RoPE scaling."""
+    import torch
+    from litert_torch.generative.examples.llama import llama
+
     rope = HF_CONFIG["rope_parameters"]
     config = shrink_config(llama.get_1b_model_config(), HF_CONFIG)
     config.build_rope = functools.partial(
@@ -51,6 +54,6 @@ PAIR = ModelPair(
     features=("GQA", "llama3 RoPE scaling", "gated MLP", "RMSNorm", "tied embeddings"),
     hf_class="LlamaForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, llama.TENSOR_NAMES, llama.Llama),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:Llama"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

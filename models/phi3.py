@@ -3,9 +3,6 @@
 import functools
 import math
 
-import torch
-from litert_torch.generative.examples.phi import phi3
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -34,8 +31,14 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.phi.phi3"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's Phi-3.5 config, cut to HF_CONFIG's shape, with its LongRoPE short factors."""
+    import torch
+    from litert_torch.generative.examples.phi import phi3
+
     rope = HF_CONFIG["rope_parameters"]
     config = shrink_config(phi3.get_model_config(), HF_CONFIG)
     config.build_rope = functools.partial(
@@ -55,6 +58,6 @@ PAIR = ModelPair(
     features=("fused QKV", "fused gate/up", "LongRoPE (short factors)", "RMSNorm"),
     hf_class="Phi3ForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, phi3.TENSOR_NAMES, phi3.Phi3_5Mini),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:Phi3_5Mini"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

@@ -1,7 +1,5 @@
 """Qwen 2.5 architecture: QKV bias, GQA, RMSNorm, gated SiLU MLP, tied embeddings (0.5B-3B)."""
 
-from litert_torch.generative.examples.qwen import qwen
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -14,8 +12,13 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.qwen.qwen"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's Qwen 2.5 3B config, cut to HF_CONFIG's shape."""
+    from litert_torch.generative.examples.qwen import qwen
+
     return shrink_config(qwen.get_3b_model_config(), HF_CONFIG)
 
 
@@ -25,6 +28,6 @@ PAIR = ModelPair(
     features=("GQA", "QKV bias", "RoPE", "gated MLP", "RMSNorm", "tied embeddings"),
     hf_class="Qwen2ForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, qwen.TENSOR_NAMES, qwen.Qwen),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:Qwen"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

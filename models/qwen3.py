@@ -1,7 +1,5 @@
 """Qwen 3 architecture: QK norm (RMSNorm per head), GQA, no QKV bias, separate LM head (8B and up)."""
 
-from litert_torch.generative.examples.qwen import qwen3
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -16,8 +14,13 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.qwen.qwen3"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's Qwen 3 4B config, cut to HF_CONFIG's shape."""
+    from litert_torch.generative.examples.qwen import qwen3
+
     return shrink_config(qwen3.get_4b_model_config(), HF_CONFIG)
 
 
@@ -27,6 +30,6 @@ PAIR = ModelPair(
     features=("GQA", "QK norm", "RoPE", "gated MLP", "RMSNorm", "separate LM head"),
     hf_class="Qwen3ForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, qwen3.TENSOR_NAMES, qwen3.Qwen3),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:Qwen3"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

@@ -1,7 +1,5 @@
 """SmolLM2 (135M) architecture: Llama layout with the LM head tied to the embedding."""
 
-from litert_torch.generative.examples.smollm import smollm
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -15,8 +13,13 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.smollm.smollm"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's SmolLM2 config, cut to HF_CONFIG's shape."""
+    from litert_torch.generative.examples.smollm import smollm
+
     return shrink_config(smollm.get_model_config_v2(), HF_CONFIG)
 
 
@@ -26,6 +29,6 @@ PAIR = ModelPair(
     features=("GQA", "RoPE", "gated MLP", "RMSNorm", "tied head"),
     hf_class="LlamaForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, smollm.TENSOR_NAMES, smollm.SmolLM2),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:SmolLM2"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

@@ -1,7 +1,5 @@
 """TinyLlama architecture: GQA, RoPE, gated SiLU MLP, RMSNorm, separate LM head."""
 
-from litert_torch.generative.examples.tiny_llama import tiny_llama
-
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
@@ -15,8 +13,13 @@ HF_CONFIG = dict(
 )
 
 
+EXAMPLE = "litert_torch.generative.examples.tiny_llama.tiny_llama"  # litert-torch, imported when a model is built
+
+
 def reauthored_config():
     """litert-torch's TinyLlama config, cut to HF_CONFIG's shape."""
+    from litert_torch.generative.examples.tiny_llama import tiny_llama
+
     return shrink_config(tiny_llama.get_model_config(), HF_CONFIG)
 
 
@@ -26,6 +29,6 @@ PAIR = ModelPair(
     features=("GQA", "RoPE", "gated MLP", "RMSNorm"),
     hf_class="LlamaForCausalLM",
     hf_config=HF_CONFIG,
-    reauthored=decoder_builder(reauthored_config, tiny_llama.TENSOR_NAMES, tiny_llama.TinyLlama),
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:TinyLlama"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
 )

@@ -112,6 +112,21 @@ def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
             for p in (tmp_path / "cache" / kind).iterdir()} == shared
 
 
+HEAVY = ("torch", "tensorflow", "litert_torch", "transformers", "ai_edge_litert")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["verify", "--threads", "0"], ["verify", "--quant", "int3"]])
+def test_listing_and_usage_errors_import_no_heavy_library(argv):
+    """`harness list`, --help and bad usage answer at once: no torch, TensorFlow or litert-torch is imported."""
+    code = ("import sys\nfrom harness import cli\ncode = cli.main(%r)\n"
+            "print('HEAVY', sorted(m for m in %r if m in sys.modules), code)" % (argv, HEAVY))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("HEAVY"))
+    assert line.startswith("HEAVY []"), (line, proc.stderr[-500:])
+    assert line.endswith(" 0" if argv == ["list"] else " 2")
+
+
 def test_list_shows_pairs_stages_and_recipes():
     proc = harness("list")
     assert proc.returncode == 0
