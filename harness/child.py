@@ -23,11 +23,11 @@ EVENT = "[edge-parity event] "
 # kind -> "module:function"; a handler is (payload, Channel) -> result. Imported only in the child.
 HANDLERS = {
     "verify_pair": "harness.suite:verify_pair_job",
-    "bench_tflite": "harness.bench_worker:measure_tflite",
-    "bench_quick": "harness.bench_worker:measure_quick",
-    "bench_reauthored": "harness.bench_worker:measure_reauthored",
-    "bench_bandwidth": "harness.bench_worker:measure_bandwidth",
-    "bench_delegation": "harness.bench_worker:measure_delegation",
+    "bench_tflite": "harness.bench.worker:measure_tflite",
+    "bench_quick": "harness.bench.worker:measure_quick",
+    "bench_reauthored": "harness.bench.worker:measure_reauthored",
+    "bench_bandwidth": "harness.bench.worker:measure_bandwidth",
+    "bench_delegation": "harness.bench.worker:measure_delegation",
 }
 
 

@@ -164,7 +164,7 @@ def cmd_golden(args) -> int:
 
 def cmd_bench(args) -> int:
     """Measures the selected pairs' artifacts (or self-checks the gate); exit 1 when the gate fails."""
-    from harness import bench, bench_report
+    from harness import bench
     from harness.cache import ArtifactCache
     from harness.gates import load_gates
 
@@ -202,8 +202,8 @@ def cmd_bench(args) -> int:
                                        Path(args.save_baseline) if args.save_baseline else None, args.gate_only,
                                        _echo)
     print()
-    print(bench_report.render_perf(document))
-    print(f"reports: {out / bench_report.PERF_JSON}, {out / bench_report.PERF_MD}")
+    print(bench.render_perf(document))
+    print(f"reports: {out / bench.PERF_JSON}, {out / bench.PERF_MD}")
     return EXIT_GATE_FAILED if document["verdict"] == "fail" else EXIT_PASS
 
 

@@ -53,7 +53,7 @@ def recipe_of(stage: str) -> str:
 COMPOSITE_BODY = "composite_body"  # stablehlo: composite bodies as lowered vs as the converter reads them
 PERPLEXITY = "perplexity"  # real text (harness/realtext.py)
 GREEDY_TEXT = "greedy_text"
-BENCH = "bench"  # the performance gate's pseudo-stage (harness/bench.py)
+BENCH = "bench"  # the performance gate's pseudo-stage (harness/bench/)
 QUANTIZED_FALLBACK = "tflite_quantized"  # gates for any tflite_<recipe> without a table of its own
 GATED_METRICS = {
     SENSITIVITY: ("entropy_ratio",),

@@ -1,4 +1,4 @@
-"""Shared, expensive fixtures: the tiny pair verified once per session."""
+"""Shared, expensive fixtures: the tiny pair verified, and benched, once per session."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import bench
 from harness.cache import ArtifactCache
 from harness.config import RunConfig, default_cache_dir
 from harness.gates import load_gates
@@ -82,3 +83,25 @@ def property_runs(pair_report):
 def tiny_llama_report(pair_report):
     """tiny_llama through every stage with the default recipes, once per session."""
     return pair_report("tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def bench_settings(cache):
+    """Bench settings short enough for a test: one thread, a few steps, three gate rounds."""
+    return bench.BenchSettings(threads=(1,), decode_steps=16, warmup=2, prefill_repeats=2, rounds=3,
+                               cache_dir=str(cache.root))
+
+
+@pytest.fixture(scope="session")
+def bench_artifacts(tiny_llama, cache):
+    """tiny_llama's float and default-recipe flatbuffers, from the cache or converted once."""
+    return bench.resolve_artifacts([tiny_llama], None, cache, echo=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def perf(tiny_llama, cache, gates, bench_settings, tmp_path_factory):
+    """One small bench of tiny_llama (float and int8, one thread, PyTorch included), saved as a baseline too."""
+    out = tmp_path_factory.mktemp("perf")
+    document = bench.run_bench([tiny_llama], None, cache, bench_settings, gates, out, save_dir=out / "baseline",
+                               echo=lambda line: None)
+    return out, document

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.bench_stats import summarize
+from harness.bench.stats import summarize
 from harness.memory import current_rss_mb, peak_rss_mb
 
 TOKEN = 3  # any id inside every vocabulary
@@ -223,6 +223,6 @@ def measure_bandwidth(job: dict, channel=None) -> dict:
 
 
 def measure_delegation(job: dict, channel=None) -> dict:
-    from harness.bench_delegation import delegation
+    from harness.bench.delegation import delegation
 
     return delegation(Path(job["path"]), job.get("threads", 1))

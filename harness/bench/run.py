@@ -1,22 +1,22 @@
-"""XNNPack performance of converted artifacts, and the performance gate against a baseline.
+"""The bench's parent side: which artifacts, which jobs in what order, the records, and the baseline gate.
 
-Every measurement runs in a fresh process (harness.bench_worker); this module picks the
+Every measurement runs in a fresh process (harness.bench.worker); this module picks the
 artifacts, runs the jobs one after another, and assembles the records that perf.json holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from harness import bench_stats, stages
-from harness.bench_delegation import decode_weight_bytes
-from harness.cache import ArtifactCache
+from harness import stages
+from harness.bench import stats
+from harness.bench.delegation import decode_weight_bytes
+from harness.cache import ArtifactCache, file_digest
 from harness.convert import FLOAT, cached_artifact, convert
 from harness.errors import HarnessError
 from harness.gates import Gates
@@ -133,7 +133,7 @@ def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = pri
         echo(f"[{artifact.label}] XNNPack delegation")
         entry = {"model": artifact.model, "stage": artifact.stage, "recipe": artifact.recipe,
                  "path": display_path(artifact.path), "size_bytes": artifact.path.stat().st_size,
-                 "sha256": _sha256(artifact.path),
+                 "sha256": file_digest(artifact.path),
                  "decode_weight_bytes": decode_weight_bytes(artifact.path)}
         try:
             entry["delegation"] = run_job({"kind": "delegation", "path": str(artifact.path)})
@@ -164,14 +164,6 @@ def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = pri
     return {"bandwidth": bandwidth, "artifacts": described, "measurements": measurements, "pytorch": pytorch}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _baseline_name(artifact: Artifact) -> str:
     return f"{artifact.model}__{artifact.stage}.tflite"
 
@@ -184,7 +176,8 @@ def save_baseline(artifacts: list[Artifact], directory: Path) -> Path:
     for a in artifacts:
         shutil.copyfile(a.path, directory / _baseline_name(a))
         entries.append({"model": a.model, "recipe": a.recipe, "file": _baseline_name(a),
-                        "prefill_lens": list(a.prefill_lens), "sha256": _sha256(a.path), "source": display_path(a.path)})
+                        "prefill_lens": list(a.prefill_lens), "sha256": file_digest(a.path),
+                        "source": display_path(a.path)})
     manifest = {"versions": library_versions(), "host": host_info(), "artifacts": entries}
     from harness.report import write_atomic
 
@@ -237,7 +230,7 @@ def compare(candidate: Artifact, baseline: Artifact, threads: int, settings: Ben
         if limit is None:  # a metric not judged is not a pass
             raise HarnessError(f"gates file {gates.path} has no max_slowdown for bench.{metric} of "
                                f"{candidate.model}; add [defaults.bench.{metric}] max_slowdown = ...")
-        decision = bench_stats.decide(metric, samples[metric]["candidate"], samples[metric]["baseline"], limit)
+        decision = stats.decide(metric, samples[metric]["candidate"], samples[metric]["baseline"], limit)
         decisions.append({"model": candidate.model, "stage": candidate.stage, "recipe": candidate.recipe,
                           "threads": threads,
                           "candidate": display_path(candidate.path), "baseline": display_path(baseline.path),
@@ -291,14 +284,14 @@ def perf_document(run: dict, measured: dict | None, comparisons: list[dict], che
 def bench_run_metadata(settings: BenchSettings, gates: Gates, baseline: str | None) -> dict:
     return run_metadata(threads=list(settings.threads), gates=gates.path, baseline=baseline,
                         decode_steps=settings.decode_steps, prefill_repeats=settings.prefill_repeats,
-                        rounds=settings.rounds, confidence=bench_stats.CONFIDENCE, load_average=list(os.getloadavg()))
+                        rounds=settings.rounds, confidence=stats.CONFIDENCE, load_average=list(os.getloadavg()))
 
 
 def run_bench(pairs: list[ModelPair], recipes: tuple[str, ...] | None, cache: ArtifactCache, settings: BenchSettings,
               gates: Gates, out_dir: Path, baseline_dir: Path | None = None, save_dir: Path | None = None,
               gate_only: bool = False, echo: Echo = print) -> dict:
     """Measure the artifacts, optionally save them as a baseline and gate them against one; writes perf.*."""
-    from harness.bench_report import write_perf
+    from harness.bench.report import write_perf
 
     if baseline_dir is not None:
         load_baseline(baseline_dir)  # a missing baseline fails before minutes of converting and measuring
@@ -323,7 +316,7 @@ def run_self_check(pair: ModelPair, recipe: str | None, cache: ArtifactCache, se
     one more layer), or else whichever of the float artifact and its `recipe` twin decodes
     slower in a pilot comparison, against the other.
     """
-    from harness.bench_report import write_perf
+    from harness.bench.report import write_perf
 
     threads = settings.threads[0]
     if slower_pair is not None:
