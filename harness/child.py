@@ -65,8 +65,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | None = None,
         timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs one job in a fresh Python process; returns its result or raises ChildFailed."""
-    if kind not in HANDLERS:
+    """Runs one job in a fresh Python process; returns its result or raises ChildFailed. `kind` is a name in
+    HANDLERS or a handler's own "module:function"."""
+    if kind not in HANDLERS and ":" not in kind:
         raise ValueError(f"no child handler for {kind!r}")
     with tempfile.TemporaryDirectory(prefix="edge-parity-child-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -97,7 +98,7 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
 def main(argv: list[str]) -> int:
     """The child's entry point: runs the job's handler and writes its result."""
     job = json.loads(Path(argv[0]).read_text())
-    module, function = HANDLERS[job["kind"]].split(":")
+    module, function = HANDLERS.get(job["kind"], job["kind"]).split(":")
     handler = getattr(importlib.import_module(module), function)
     channel = Channel(Path(argv[1]))
     result = handler(job["payload"], channel)

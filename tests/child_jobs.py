@@ -1,0 +1,19 @@
+"""Jobs for tests/test_child.py: what a child can do to the protocol (answer, report, fail, die)."""
+
+import os
+
+
+def echo(payload, channel):
+    for i in range(payload["events"]):
+        channel.event(step=i)
+    return {"echo": payload["value"]}
+
+
+def raises(payload, channel):
+    raise RuntimeError("injected: the job failed")
+
+
+def dies_after_saving(payload, channel):
+    channel.partial({"done": ["first stage"]})
+    print("last words", flush=True)
+    os._exit(9)
