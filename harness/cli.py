@@ -104,14 +104,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from harness import golden, report, suite
+    from harness import report, suite
 
     start = time.perf_counter()
     config = RunConfig.from_cli(args, "verify")
     _, unknown, _ = _selected(config)
     document = suite.run_suite(config, _echo)
     out = Path(config.out)
-    release = golden.write_release(out, document) if config.against == "golden" else None
+    release = report.write_release(out, document) if config.against == "golden" else None
     print()
     print(report.render_summary(document, fmt="simple"))
     if release:

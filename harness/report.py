@@ -1,4 +1,9 @@
-"""One writer serialises records to parity.json; summary.md and the console are rendered from that JSON."""
+"""One writer serialises records to parity.json; summary.md, release.md and the console are rendered from that JSON.
+
+Every report file of `harness verify` is written here, so each is a view of the same document: the
+release gate's section is computed from the records and added to parity.json before release.md is
+rendered from that section.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from tabulate import tabulate
 
 from harness.paths import scrub
 from harness.records import ERROR, FAIL, INFO, PASS, SKIP, XFAIL
+from harness.stages import GOLDEN
 
 SCHEMA_VERSION = 1
 PARITY_JSON = "parity.json"
 SUMMARY_MD = "summary.md"
+RELEASE_MD = "release.md"
 
 # The metrics worth a column; the JSON keeps them all.
 HEADLINE_METRICS = ("max_abs_err", "min_cosine", "top1", "match", "ppl", "ppl_ratio_vs_hf", "mean_kl", "p99_kl", "max_kl",
@@ -69,12 +76,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _cell(result: dict[str, Any], metric: str) -> str:
-    if metric not in result["metrics"]:
+def beside_threshold(values: dict[str, Any], threshold: dict[str, Any], metric: str) -> str:
+    """A measured value with the threshold it is held to beside it, as every table shows it; empty when
+    the metric was not measured."""
+    if metric not in values:
         return ""
-    limit = result["threshold"].get(f"max_{metric}", result["threshold"].get(f"min_{metric}"))
-    op = "≤" if f"max_{metric}" in result["threshold"] else "≥"
-    return _fmt(result["metrics"][metric]) + (f" ({op}{_fmt(limit)})" if limit is not None else "")
+    limit = threshold.get(f"max_{metric}", threshold.get(f"min_{metric}"))
+    op = "≤" if f"max_{metric}" in threshold else "≥"
+    return _fmt(values[metric]) + (f" ({op}{_fmt(limit)})" if limit is not None else "")
 
 
 def model_table(results: list[dict[str, Any]], fmt: str = "github") -> str:
@@ -83,7 +92,7 @@ def model_table(results: list[dict[str, Any]], fmt: str = "github") -> str:
     rows = []
     for r in results:
         rows.append([r["stage"], r["check"], r["status"].upper() if r["status"] != PASS else "pass"]
-                    + [_cell(r, m) for m in metrics] + [r["message"][:160]])
+                    + [beside_threshold(r["metrics"], r["threshold"], m) for m in metrics] + [r["message"][:160]])
     return tabulate(rows, headers=["stage", "check", "status", *metrics, "message"], tablefmt=fmt)
 
 
@@ -145,4 +154,68 @@ def write_reports(out_dir: Path, document: dict[str, Any]) -> None:
 def write_summary(out_dir: Path, document: dict[str, Any]) -> Path:
     path = Path(out_dir) / SUMMARY_MD
     write_report(path, render_summary(document))
+    return path
+
+
+# ---------------------------------------------------------------- release gate (`verify --against golden`)
+
+def release_summary(document: dict[str, Any]) -> dict[str, Any]:
+    """Which models and stages moved since their goldens, and whether within budget: from records only."""
+    rows, changes, parity_failures = [], set(), []
+    for r in document["results"]:
+        if r["check"] == GOLDEN:
+            m = r["metrics"]
+            changes.update(m.get("provenance_changes", []))
+            within = r["status"] in (PASS, XFAIL)
+            rows.append({"model": r["model"], "stage": r["stage"], "status": r["status"],
+                         "changed": m.get("changed"), "within_budget": within,
+                         **{k: m[k] for k in ("max_abs_err", "top1", "greedy_match") if k in m},
+                         "threshold": r["threshold"], "message": r["message"]})
+        elif r["status"] in (FAIL, ERROR):
+            parity_failures.append({"model": r["model"], "stage": r["stage"], "check": r["check"],
+                                    "message": r["message"]})
+    ready = bool(rows) and all(row["within_budget"] for row in rows) and not parity_failures
+    models = {}
+    for row in rows:
+        model = models.setdefault(row["model"], {"changed_stages": [], "within_budget": True, "parity_failures": 0})
+        model["changed_stages"] += [row["stage"]] if row["changed"] else []
+        model["within_budget"] &= row["within_budget"]
+    for failure in parity_failures:
+        models.setdefault(failure["model"], {"changed_stages": [], "within_budget": True, "parity_failures": 0})
+        models[failure["model"]]["parity_failures"] += 1
+    return {"ready": ready, "versions_changed": sorted(changes),
+            "changed": [f"{row['model']}/{row['stage']}" for row in rows if row["changed"]],
+            "models": models, "stages": rows, "parity_failures": parity_failures}
+
+
+def render_release(summary: dict[str, Any]) -> str:
+    """release.md, rendered from the `release` section of parity.json."""
+    lines = [f"# Release readiness: {'READY' if summary['ready'] else 'NOT READY'}", ""]
+    lines += ["Differences from the goldens' provenance:", ""]
+    lines += [f"- {c}" for c in summary["versions_changed"]] or ["- none"]
+    lines += ["", f"Moved since the golden: {', '.join(summary['changed']) or 'nothing'}.", ""]
+    lines += [f"- {name}: {'within budget' if m['within_budget'] else 'OVER BUDGET'}"
+              + (f", changed: {', '.join(m['changed_stages'])}" if m["changed_stages"] else ", unchanged")
+              + (f", {m['parity_failures']} parity failure(s)" if m["parity_failures"] else "")
+              for name, m in summary.get("models", {}).items()] + [""]
+    table = [[r["model"], r["stage"], r["status"] if r["status"] == PASS else r["status"].upper(),
+              {True: "yes", False: "no", None: ""}[r["changed"]], "yes" if r["within_budget"] else "NO",
+              *(beside_threshold(r, r["threshold"], m) for m in ("max_abs_err", "top1", "greedy_match")),
+              r["message"][:200]]
+             for r in summary["stages"]]
+    lines += [tabulate(table, headers=["model", "stage", "golden", "changed", "within budget", "max_abs_err", "top1",
+                                       "greedy_match", "detail"], tablefmt="github"), ""]
+    if summary["parity_failures"]:
+        lines += ["Parity failures (against HF, independent of the goldens):", ""]
+        lines += [f"- {f['model']} {f['stage']} {f['check']}: {f['message'][:200]}" for f in summary["parity_failures"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_release(out_dir: Path, document: dict[str, Any]) -> Path:
+    """The release gate's reports: parity.json with its `release` section, summary.md, and release.md
+    rendered from that section; returns release.md's path."""
+    document["release"] = release_summary(document)
+    write_reports(out_dir, document)
+    path = Path(out_dir) / RELEASE_MD
+    write_report(path, render_release(document["release"]))
     return path

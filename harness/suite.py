@@ -79,7 +79,8 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     pair get an error record and the others still run. `options` replaces what the configuration would
     open; `extra_pairs` join the discovered ones (pairs made in memory run in-process only)."""
     known = {**discover(tuple(Path(d) for d in config.models_dirs)), **(extra_pairs or {})}
-    options = options or RunOptions.open(config, verify_checks(config))
+    # Isolated pairs run their checks in their children: the parent never imports torch for them.
+    options = options or RunOptions.open(config, () if config.isolate else verify_checks(config))
     options.gates.require_models(known)
     pairs, unknown = select(known, list(config.models) if config.models else None, config.suite)
     out = Path(config.out or "reports/latest")

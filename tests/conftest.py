@@ -1,13 +1,14 @@
-"""Shared, expensive fixtures: the tiny pair verified, and benched, once per session."""
+"""Shared, expensive fixtures: the tiny pair verified and benched once per session, its golden recorded once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
-from harness import bench
+from harness import bench, golden, stages
 from harness.cache import ArtifactCache
 from harness.config import RunConfig, default_cache_dir
 from harness.gates import load_gates
@@ -105,3 +106,30 @@ def perf(tiny_llama, cache, gates, bench_settings, tmp_path_factory):
     document = bench.run_bench([tiny_llama], None, cache, bench_settings, gates, out, save_dir=out / "baseline",
                                echo=lambda line: None)
     return out, document
+
+
+@pytest.fixture(scope="session")
+def golden_date():
+    """The date every golden recorded by the tests carries, so a re-recording compares byte for byte."""
+    return "2026-01-01"
+
+
+@pytest.fixture(scope="session")
+def recorded(tiny_llama, tiny_llama_report, gates, golden_date, tmp_path_factory):
+    """tiny_llama's golden recorded from the session's clean run, in a directory of its own."""
+    directory = tmp_path_factory.mktemp("golden")
+    outcome = golden.update(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories,
+                            tiny_llama_report.results, gates, directory,
+                            today=golden_date)
+    assert outcome.status == "recorded", outcome.diff
+    return directory
+
+
+@pytest.fixture(scope="session")
+def rope_report(tiny_llama, gates, cache, recorded):
+    """tiny_llama with a RoPE base 50% too large, same name: the golden check runs inside the pipeline."""
+    from tests import variants
+
+    pair = dataclasses.replace(tiny_llama, reauthored=variants.wrong_rope_base)
+    options = RunOptions(RunConfig(stages=(stages.REAUTHORED,)), gates, cache, (golden.GoldenCheck(recorded),))
+    return pair, verify_pair(pair, options)

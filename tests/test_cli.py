@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import cli, golden
+from harness.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 BROKEN = ROOT / "tests" / "fixtures" / "broken_models"
 
@@ -132,3 +135,36 @@ def test_list_shows_pairs_stages_and_recipes():
     assert proc.returncode == 0
     for word in ("tiny_llama", "GQA", "stablehlo", "tflite_<recipe>", "dynamic_int4_block128"):
         assert word in proc.stdout
+
+
+# ------------------------------------------------------------------ goldens and the release gate, in-process
+
+
+def test_verify_against_golden_writes_the_release_summary(tiny_llama, tiny_llama_report, recorded, tmp_path):
+    common = ["verify", "--models", "tiny_llama", "--stages", "reauthored", "--in-process", "--quant", "none"]
+    assert cli.main(common + ["--against", "golden", "--golden-dir", str(recorded), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "release.md").read_text().startswith("# Release readiness: READY")
+    document = json.loads((tmp_path / "a" / "parity.json").read_text())
+    assert document["release"]["ready"] and not document["release"]["changed"]
+    assert cli.main(common + ["--against", "golden", "--golden-dir", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "b")]) == 1
+    release = json.loads((tmp_path / "b" / "parity.json").read_text())["release"]
+    assert not release["ready"] and "no golden for tiny_llama" in release["stages"][0]["message"]
+    assert cli.main(common + ["--golden-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 0
+    assert not (tmp_path / "c" / "release.md").exists()
+
+
+def test_golden_options_reach_the_child_process(tmp_path):
+    """What a child is handed is the parent's RunConfig, golden settings included, and it builds the same check."""
+    from harness import suite
+
+    args = cli.build_parser().parse_args(["verify", "--golden-dir", str(tmp_path), "--against", "golden"])
+    config = RunConfig.from_cli(args, "verify")
+    again = RunConfig.from_json(config.to_json())
+    assert again == config
+    (check,) = [c for c in suite.verify_checks(again) if isinstance(c, golden.GoldenCheck)]
+    assert check.golden_dir == tmp_path and check.strict
+
+
+def test_force_needs_a_reason():
+    assert cli.main(["golden", "update", "--models", "tiny_llama", "--force"]) == cli.EXIT_USAGE

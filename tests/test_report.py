@@ -1,7 +1,8 @@
 import json
 
 from harness import report
-from harness.records import CheckResult, run_metadata
+from harness.records import FAIL, PASS, CheckResult, run_metadata
+from harness.stages import GOLDEN
 
 
 def document():
@@ -52,3 +53,26 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
         pass
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_release_summary_says_what_moved_and_whether_within_budget(tmp_path):
+    def result(stage, status, err, changed):
+        return CheckResult("m", stage, GOLDEN, status,
+                           {"max_abs_err": err, "top1": 1.0, "greedy_match": 1.0, "changed": changed,
+                            "provenance_changes": ["litert-torch 0.10.0 (golden) -> 0.11.0 (now)"]},
+                           {"max_max_abs_err": 0.05}, "msg").to_json()
+    document = {"schema_version": 1, "run": {}, "models": {},
+                "results": [result("tflite_float", PASS, 1e-5, False), result("tflite_dynamic_int8", FAIL, 0.2, True),
+                            CheckResult("m", "reauthored", "logits", PASS).to_json(),
+                            result("stablehlo", "xfail", 0.3, True)]}  # inside a declared defect's band
+    path = report.write_release(tmp_path, document)
+    release = json.loads((tmp_path / "parity.json").read_text())["release"]
+    assert release["ready"] is False and release["changed"] == ["m/tflite_dynamic_int8", "m/stablehlo"]
+    assert release["versions_changed"] == ["litert-torch 0.10.0 (golden) -> 0.11.0 (now)"]
+    assert [row["within_budget"] for row in release["stages"]] == [True, False, True]
+    assert release["models"]["m"] == {"changed_stages": ["tflite_dynamic_int8", "stablehlo"], "within_budget": False,
+                                      "parity_failures": 0}
+    text = path.read_text()
+    assert text.startswith("# Release readiness: NOT READY") and "0.2 (≤0.05)" in text
+    assert "- m: OVER BUDGET, changed: tflite_dynamic_int8, stablehlo" in text
+    assert report.render_release(release) == text  # the markdown is a view of the JSON section
