@@ -122,7 +122,7 @@ def cmd_verify(args) -> int:
           + (f", {release}" if release else "") + f" ({time.perf_counter() - start:.0f}s)")
     if unknown:
         return EXIT_USAGE
-    return EXIT_PASS if report.verdict(document) == "pass" else EXIT_GATE_FAILED
+    return EXIT_PASS if report.overall(document) == "pass" else EXIT_GATE_FAILED
 
 
 def cmd_golden(args) -> int:

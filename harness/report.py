@@ -63,7 +63,7 @@ def write_parity(out_dir: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def verdict(document: dict[str, Any]) -> str:
+def overall(document: dict[str, Any]) -> str:
     """pass unless some record failed or errored; skips, bounded expected failures and informational
     records do not fail a gate (nor count as passes)."""
     statuses = {r["status"] for r in document["results"]}
@@ -109,7 +109,7 @@ def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
     """Markdown readable in a PR comment: a verdict line, then a table per model."""
     run = document["run"]
     versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
-    lines = [f"# edge-parity: {verdict(document).upper()}", "",
+    lines = [f"# edge-parity: {overall(document).upper()}", "",
              f"{counts(document['results'])}. Gates: `{run.get('gates', '')}`.", "", f"Versions: {versions}.", ""]
     by_model: dict[str, list] = {}
     for r in document["results"]:

@@ -33,10 +33,10 @@ def test_summary_shows_threshold_beside_value_and_verdict():
 
 def test_verdict_ignores_skips_bounded_expected_failures_and_informational_records():
     doc = {"results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}, {"status": "info"}]}
-    assert report.verdict(doc) == "pass"
+    assert report.overall(doc) == "pass"
     assert report.counts(doc["results"]) == "1 pass, 1 skip, 1 xfail, 1 info"  # info is never counted as a pass
     doc["results"].append({"status": "error"})
-    assert report.verdict(doc) == "fail"
+    assert report.overall(doc) == "fail"
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):

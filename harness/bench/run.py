@@ -220,7 +220,7 @@ def interleaved_samples(candidate: Artifact, baseline: Artifact, threads: int, s
     return samples
 
 
-def compare(candidate: Artifact, baseline: Artifact, threads: int, settings: BenchSettings, gates: Gates,
+def gate_against_baseline(candidate: Artifact, baseline: Artifact, threads: int, settings: BenchSettings, gates: Gates,
             echo: Echo | None = None) -> list[dict]:
     """The gate's decision for each gated metric of one candidate against its baseline."""
     samples = interleaved_samples(candidate, baseline, threads, settings, echo)
@@ -246,7 +246,7 @@ def compare_all(artifacts: list[Artifact], baseline_dir: Path, threads: int, set
         if (a.model, a.recipe) not in baselines:
             echo(f"[gate] {a.label}: no baseline in {baseline_dir}; not gated")
             continue
-        decisions += compare(a, baselines[(a.model, a.recipe)], threads, settings, gates, echo)
+        decisions += gate_against_baseline(a, baselines[(a.model, a.recipe)], threads, settings, gates, echo)
     return decisions
 
 
@@ -256,7 +256,7 @@ def self_check(reference: Artifact, slower: Artifact, threads: int, settings: Be
     def run(candidate: Artifact, n: int, what: str) -> list[dict]:
         out = []
         for i in range(n):
-            decisions = compare(candidate, reference, threads, settings, gates)
+            decisions = gate_against_baseline(candidate, reference, threads, settings, gates)
             out.append({d["metric"]: {k: d[k] for k in ("ratio", "low", "high", "status")} for d in decisions})
             echo(f"[self-check] {what} {i + 1}/{n}: " + ", ".join(
                 f"{m} {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}] {v['status']}" for m, v in out[-1].items()))
@@ -328,7 +328,7 @@ def run_self_check(pair: ModelPair, recipe: str | None, cache: ArtifactCache, se
             raise HarnessError(f"recipe {recipe} does not apply to {pair.name}; "
                                f"pick one of {', '.join(pair.quant_recipes)}")
         float_artifact, twin = by_recipe[FLOAT], by_recipe[recipe]
-        pilot = next(d for d in compare(twin, float_artifact, threads, settings, gates)
+        pilot = next(d for d in gate_against_baseline(twin, float_artifact, threads, settings, gates)
                      if d["metric"] == GATED_METRICS[0])
         slower, reference = (twin, float_artifact) if pilot["ratio"] < 1 else (float_artifact, twin)
         echo(f"[self-check] pilot: {twin.label}/{float_artifact.label} decode ratio {pilot['ratio']:.3f}; "

@@ -148,7 +148,7 @@ def _check_prompts(golden: dict, path: Path, model: str, trajectories) -> None:
                           f"`{update_command(model)}`")
 
 
-def compare(golden: dict, path: Path, pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories,
+def drift_records(golden: dict, path: Path, pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories,
             gates: Gates, versions: dict[str, str] | None = None, strict: bool = False,
             isa: list[str] | None = None) -> list[CheckResult]:
     """One `golden` result per stage that ran: drift from the golden held to [*.<stage>.golden] gates."""
@@ -200,7 +200,7 @@ class GoldenCheck:
         except GoldenError as e:
             return [CheckResult(pair.name, GOLDEN, GOLDEN, ERROR, message=str(e))]
         try:
-            return compare(doc, golden_path(self.golden_dir, pair.name), pair, logits, trajectories, gates,
+            return drift_records(doc, golden_path(self.golden_dir, pair.name), pair, logits, trajectories, gates,
                            strict=self.strict)
         except GoldenError as e:
             return [CheckResult(pair.name, GOLDEN, GOLDEN, ERROR, message=str(e))]
