@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.runners import _FixedShapeRunner
+from harness.runners import KVLayers, Runner
 
 
 def export_config():
@@ -220,7 +220,7 @@ def custom_calls(lowered) -> list[str]:
     return sorted(names)
 
 
-class StableHLORunner(_FixedShapeRunner):
+class StableHLORunner(Runner):
     """The lowered StableHLO, executed by TensorFlow's XlaCallModule on CPU."""
 
     def __init__(self, lowered, prefill_lens, kv_cache_max):
@@ -233,6 +233,13 @@ class StableHLORunner(_FixedShapeRunner):
 
     def empty_kv(self):
         return [np.zeros(shape, np.float32) for shape in self.kv_shapes]
+
+    def kv_layers(self, kv) -> KVLayers:
+        """Per layer (K, V) as numpy copies, from the flat k0, v0, k1, v1... arguments."""
+        return [(np.array(kv[i], copy=True), np.array(kv[i + 1], copy=True)) for i in range(0, len(kv), 2)]
+
+    def kv_from_layers(self, layers: KVLayers):
+        return [array for pair in layers for array in pair]
 
     def call(self, name, tokens, positions, kv):
         outputs = self.lowered[name](tokens, positions, *kv)

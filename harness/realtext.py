@@ -25,7 +25,6 @@ from harness.gates import gate_for
 from harness.memory import release_freed
 from harness.pairs import ModelPair
 from harness.records import CheckResult
-from harness.runners import padded, signature_for
 
 REAL_TEXT = "real_text"  # the stage this extra check runs as
 PERPLEXITY = stages.PERPLEXITY
@@ -103,11 +102,8 @@ def runner_chunks(runner, window: np.ndarray, chunk: int) -> Iterator[np.ndarray
     """A flatbuffer's logits of a window: prefill signatures chunk after chunk, the KV cache carried over."""
     kv = runner.empty_kv()
     for start in range(0, len(window), chunk):
-        piece = window[start:start + chunk]
-        length = signature_for(len(piece), runner.prefill_lens)
-        tokens, positions = padded(piece, length)
-        logits, kv = runner.call(f"prefill_{length}", tokens, positions + start, kv)
-        yield logits[: len(piece)]
+        logits, kv = runner.prefill_at(window[start:start + chunk], start, kv)
+        yield logits
 
 
 def log_probs(logits: np.ndarray) -> torch.Tensor:

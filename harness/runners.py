@@ -1,12 +1,22 @@
-"""One runner per stage, all with the prefill/decode interface of the converted model."""
+"""One runner per stage, all with the prefill/decode interface of the converted model.
+
+A stage's runner supplies `call` (one forward of one signature, unchecked), `empty_kv`, and
+`kv_layers`/`kv_from_layers` (its KV container as per-layer numpy (K, V) pairs and back). `Runner`
+builds on `call` the two ways every caller goes in: `prefill_at`, which pads to a signature at
+any offset, and `decode`; both refuse positions past the cache before anything runs.
+"""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
 
 from harness.errors import HarnessError
 from harness.workload import Trajectory
+
+KVLayers = list[tuple[np.ndarray, np.ndarray]]  # per layer (K, V) in [batch, slot, heads, head_dim]
 
 
 def signature_for(prompt_len: int, prefill_lens: tuple[int, ...]) -> int:
@@ -20,19 +30,14 @@ def signature_for(prompt_len: int, prefill_lens: tuple[int, ...]) -> int:
     return fitting[0]
 
 
-def padded(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens padded with 0 to the signature length, and positions 0..length-1."""
-    out = np.zeros((1, length), dtype=np.int32)
-    out[0, : len(tokens)] = tokens
-    return out, np.arange(length, dtype=np.int32)
-
-
-def check_position(pos: int, kv_cache_max: int) -> None:
+def check_positions(start: int, count: int, kv_cache_max: int, doing: str) -> None:
     """A write past the cache would be clamped silently by the runtime: refuse it instead."""
-    if not 0 <= pos < kv_cache_max:
+    if start < 0 or start + count > kv_cache_max:
+        written = f"position {start}" if count == 1 else f"positions {start}..{start + count - 1}"
         raise HarnessError(
-            f"position {pos} is outside the KV cache (kv_cache_max={kv_cache_max}); "
-            "shorten the sequence or export a larger KV cache"
+            f"{doing} writes {written}, outside the KV cache "
+            f"(kv_cache_max={kv_cache_max}: slots 0..{kv_cache_max - 1}); "
+            "start earlier, shorten the sequence or export a larger KV cache"
         )
 
 
@@ -40,11 +45,7 @@ def run_trajectory(runner, trajectory: Trajectory) -> np.ndarray:
     """Prefill the prompt, decode the rest teacher-forced: logits at every position but the last."""
     p = trajectory.prompt_len
     tokens = trajectory.tokens
-    if len(tokens) - 1 > runner.kv_cache_max:
-        raise HarnessError(
-            f"a trajectory of {len(tokens) - 1} positions goes past kv_cache_max={runner.kv_cache_max}; "
-            "shorten the workload or export a larger KV cache"
-        )
+    check_positions(0, len(tokens) - 1, runner.kv_cache_max, f"a trajectory of {len(tokens)} tokens")
     kv = runner.empty_kv()
     logits, kv = runner.prefill(tokens[:p], kv)
     rows = [logits]
@@ -54,22 +55,84 @@ def run_trajectory(runner, trajectory: Trajectory) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
-class ReauthoredRunner:
+class Runner:
+    """Prefill at any offset and decode, on top of a stage's `call(signature, tokens, positions, kv)`.
+
+    A subclass supplies `call`, `empty_kv`, `kv_layers` and `kv_from_layers`; `prefill_lens` are its
+    prefill signatures, None when it takes any length (eager PyTorch).
+    """
+
+    def __init__(self, prefill_lens: tuple[int, ...] | None, kv_cache_max: int):
+        self.prefill_lens = tuple(prefill_lens) if prefill_lens else None
+        self.kv_cache_max = kv_cache_max
+
+    def release(self) -> None:
+        """Frees what the runner can reopen; only a flatbuffer's interpreter is worth it."""
+
+    def prefill_at(self, tokens, start: int, kv, pad_to: int | None = None, pad: int = 0):
+        """Prefills `tokens` at positions start.., padded with `pad` to `pad_to` (default: the smallest
+        signature that fits; no padding in eager mode). Returns the real positions' logits and the cache."""
+        n, fixed = len(tokens), self.prefill_lens
+        if pad_to is None:
+            pad_to = signature_for(n, fixed) if fixed else n
+        if pad_to < n or (fixed and pad_to not in fixed):
+            raise HarnessError(f"cannot prefill {n} tokens through a signature of length {pad_to}; "
+                               f"the stage has {fixed or 'any length'}")
+        check_positions(start, pad_to, self.kv_cache_max,
+                        f"prefilling {n} tokens" + (f" padded to {pad_to}" if pad_to > n else ""))
+        padded = np.full((1, pad_to), pad, np.int32)
+        padded[0, :n] = tokens
+        positions = np.arange(start, start + pad_to, dtype=np.int32)
+        logits, kv = self.call(f"prefill_{pad_to}", padded, positions, kv)
+        return logits[:n], kv
+
+    def prefill(self, tokens, kv):
+        return self.prefill_at(tokens, 0, kv)
+
+    def decode(self, token, pos: int, kv):
+        check_positions(pos, 1, self.kv_cache_max, "decoding")
+        logits, kv = self.call("decode", np.array([[token]], np.int32), np.array([pos], np.int32), kv)
+        return logits[0], kv
+
+
+class _TorchCache:
+    """The KV container of the PyTorch stages: litert-torch's KVCache, built from the model config."""
+
+    def empty_kv(self):
+        from litert_torch.generative.layers import kv_cache
+
+        return kv_cache.KVCache.from_model_config(self.kv_cache_max, self.config)
+
+    def kv_layers(self, kv) -> KVLayers:
+        """Per layer (K, V) as numpy copies."""
+        from litert_torch.generative.layers import kv_cache
+
+        if any(entry.kv_layout != kv_cache.KV_LAYOUT_DEFAULT for entry in kv.caches):
+            raise HarnessError("the KV cache uses a transposed layout; the KV properties read only the default "
+                               "[batch, slot, heads, head_dim] layout")
+        return [(e.k_cache.detach().numpy().copy(), e.v_cache.detach().numpy().copy()) for e in kv.caches]
+
+    def kv_from_layers(self, layers: KVLayers):
+        """The KVCache holding `layers` (copied)."""
+        from litert_torch.generative.layers import kv_cache
+
+        return kv_cache.KVCache(tuple(kv_cache.KVCacheEntry(torch.from_numpy(k.copy()), torch.from_numpy(v.copy()),
+                                                            e.kv_layout)
+                                      for e, (k, v) in zip(self.empty_kv().caches, layers)))
+
+
+class ReauthoredRunner(_TorchCache, Runner):
     """The re-authored PyTorch model in eager mode, prefilling exactly the prompt (no padding)."""
 
     def __init__(self, model, kv_cache_max: int):
         from litert_torch.generative.utilities import export_config
 
-        self.model = model
-        self.kv_cache_max = kv_cache_max
+        super().__init__(None, kv_cache_max)
+        self.model, self.config = model, model.config
         self.export_config = export_config.ExportConfig(output_logits_on_prefill=True)
 
-    def empty_kv(self):
-        from litert_torch.generative.layers import kv_cache
-
-        return kv_cache.KVCache.from_model_config(self.kv_cache_max, self.model.config)
-
-    def _call(self, tokens, positions, kv):
+    def call(self, name, tokens, positions, kv):
+        """The model's forward; eager mode takes any length, so the signature name is not needed."""
         with torch.no_grad():
             out = self.model(
                 torch.as_tensor(tokens, dtype=torch.int32),
@@ -79,49 +142,14 @@ class ReauthoredRunner:
             )
         return out["logits"][0].numpy(), out["kv_cache"]
 
-    def prefill(self, tokens, kv):
-        return self._call(np.asarray(tokens)[None], np.arange(len(tokens)), kv)
 
-    def decode(self, token, pos, kv):
-        check_position(pos, self.kv_cache_max)
-        logits, kv = self._call([[token]], [pos], kv)
-        return logits[0], kv
-
-
-class _FixedShapeRunner:
-    """Shared padding logic of runners whose prefill has fixed signature lengths."""
-
-    def __init__(self, prefill_lens: tuple[int, ...], kv_cache_max: int):
-        self.prefill_lens = tuple(prefill_lens)
-        self.kv_cache_max = kv_cache_max
-
-    def release(self) -> None:
-        """Frees what the runner can reopen; only a flatbuffer's interpreter is worth it."""
-
-    def prefill(self, tokens, kv):
-        length = signature_for(len(tokens), self.prefill_lens)
-        padded_tokens, positions = padded(tokens, length)
-        logits, kv = self.call(f"prefill_{length}", padded_tokens, positions, kv)
-        return logits[: len(tokens)], kv
-
-    def decode(self, token, pos, kv):
-        check_position(pos, self.kv_cache_max)
-        logits, kv = self.call("decode", np.array([[token]], np.int32), np.array([pos], np.int32), kv)
-        return logits[0], kv
-
-
-class ExportedRunner(_FixedShapeRunner):
+class ExportedRunner(_TorchCache, Runner):
     """The torch.export programs of each signature, run as PyTorch modules."""
 
     def __init__(self, programs: dict[str, torch.export.ExportedProgram], config, prefill_lens, kv_cache_max):
         super().__init__(prefill_lens, kv_cache_max)
         self.modules = {name: ep.module() for name, ep in programs.items()}
         self.config = config
-
-    def empty_kv(self):
-        from litert_torch.generative.layers import kv_cache
-
-        return kv_cache.KVCache.from_model_config(self.kv_cache_max, self.config)
 
     def call(self, name, tokens, positions, kv):
         with torch.no_grad():
@@ -131,7 +159,10 @@ class ExportedRunner(_FixedShapeRunner):
         return out["logits"][0].numpy(), out["kv_cache"]
 
 
-class TFLiteRunner(_FixedShapeRunner):
+_TFLITE_KV = re.compile(r"kv_cache_([kv])_(\d+)$")
+
+
+class TFLiteRunner(Runner):
     """A multi-signature flatbuffer in ai_edge_litert's interpreter (XNNPack by default on CPU).
 
     `release()` drops the interpreter and the next call opens it again: XNNPack packs weights
@@ -164,6 +195,19 @@ class TFLiteRunner(_FixedShapeRunner):
 
     def empty_kv(self):
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.kv_specs.items()}
+
+    def kv_layers(self, kv) -> KVLayers:
+        """Per layer (K, V) as numpy copies, from the kv_cache_{k,v}_<layer> inputs."""
+        found = {}
+        for name, value in kv.items():
+            kind, layer = _TFLITE_KV.search(name).groups()
+            found[(int(layer), kind)] = np.array(value, copy=True)
+        return [(found[(i, "k")], found[(i, "v")]) for i in range(len(found) // 2)]
+
+    def kv_from_layers(self, layers: KVLayers):
+        """The signature inputs holding `layers`, in the flatbuffer's dtypes."""
+        return {name: layers[int(m.group(2))][0 if m.group(1) == "k" else 1].astype(dtype)
+                for name, (_, dtype) in self.kv_specs.items() for m in [_TFLITE_KV.search(name)]}
 
     def call(self, name, tokens, positions, kv):
         if self.runners is None:

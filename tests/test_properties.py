@@ -18,8 +18,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import properties as props
-from harness import stages, strategies
+from harness import properties, stages, strategies
+from harness import property_measures as measures
 from harness.checkpoint import load_hf
 from harness.errors import HarnessError
 from harness.pairs import discover
@@ -54,7 +54,7 @@ class StageUnderTest:
 
     @property
     def shape(self) -> strategies.Shape:
-        return props.shape_of(self.pair)
+        return properties.shape_of(self.pair)
 
     @property
     def quantized(self) -> bool:
@@ -83,14 +83,14 @@ def stage_under_test(property_runs, pairs, gates, options):
                 failed = [r.message for r in report.results if r.stage == stage and r.status != PASS]
                 pytest.skip(f"{pair_name} has no runner at {stage}: {failed or 'stage not run'}")
             built[(pair_name, stage)] = StageUnderTest(
-                pairs[pair_name], stage, runner, props.fresh_runner(runner, options.num_threads),
+                pairs[pair_name], stage, runner, properties.fresh_runner(runner, options.num_threads),
                 load_hf(pairs[pair_name], report.state.checkpoint), gates)
         return built[(pair_name, stage)]
 
     return get
 
 
-def assert_within(sut: StageUnderTest, check: str, metric: str, deviation: props.Deviation) -> None:
+def assert_within(sut: StageUnderTest, check: str, metric: str, deviation: measures.Deviation) -> None:
     """Holds a deviation to the stage's gate: absolute for float stages, relative to scale for quantized ones."""
     thresholds = sut.thresholds(check)
     if f"max_{metric}" in thresholds:
@@ -116,21 +116,22 @@ def draw_case(data, sut: StageUnderTest) -> strategies.Case:
 @given(data=st.data())
 def test_prefix_prefill_then_decodes_equals_one_prefill(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    assert_within(sut, stages.PREFILL_DECODE, "prefix_err", props.prefix_consistency(sut.runner, draw_case(data, sut)))
+    deviation = measures.prefix_consistency(sut.runner, draw_case(data, sut))
+    assert_within(sut, stages.PREFILL_DECODE, "prefix_err", deviation)
 
 
 @per_stage
 @given(data=st.data())
 def test_chunked_prefill_at_offsets_equals_one_shot(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    assert_within(sut, stages.PREFILL_DECODE, "chunked_err", props.chunked_prefill(sut.runner, draw_case(data, sut)))
+    assert_within(sut, stages.PREFILL_DECODE, "chunked_err", measures.chunked_prefill(sut.runner, draw_case(data, sut)))
 
 
 @per_stage
 @given(data=st.data())
 def test_every_prefill_signature_agrees(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    deviation = props.signature_agreement(sut.runner, draw_case(data, sut), sut.pair.export.prefill_lens)
+    deviation = measures.signature_agreement(sut.runner, draw_case(data, sut), sut.pair.export.prefill_lens)
     assert_within(sut, stages.PREFILL_DECODE, "signatures_err", deviation)
 
 
@@ -138,14 +139,14 @@ def test_every_prefill_signature_agrees(stage_under_test, pair_name, stage, data
 @given(data=st.data())
 def test_later_tokens_never_change_earlier_logits(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    assert_within(sut, stages.PREFILL_DECODE, "causality_err", props.causality(sut.runner, draw_case(data, sut)))
+    assert_within(sut, stages.PREFILL_DECODE, "causality_err", measures.causality(sut.runner, draw_case(data, sut)))
 
 
 @per_stage
 @given(data=st.data())
 def test_padding_never_leaks_and_decoding_resumes_at_the_true_length(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    pad, resume = props.padding(sut.runner, draw_case(data, sut), sut.pair.export.prefill_lens)
+    pad, resume = measures.padding(sut.runner, draw_case(data, sut), sut.pair.export.prefill_lens)
     assert_within(sut, stages.PREFILL_DECODE, "padding_err", pad)
     assert_within(sut, stages.PREFILL_DECODE, "resume_err", resume)
 
@@ -157,7 +158,7 @@ def test_padding_never_leaks_and_decoding_resumes_at_the_true_length(stage_under
 def test_cache_holds_the_reference_keys_and_values(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
     case = draw_case(data, sut)
-    found = props.kv_reference(sut.runner, case, props.reference_kv(sut.hf_model, case.prompt))
+    found = measures.kv_reference(sut.runner, case, measures.reference_kv(sut.hf_model, case.prompt))
     if sut.quantized:  # quantization noise, relative to the cache's scale
         (limit,) = sut.limits(stages.KV_CACHE, "reference_rel_err")
         assert found.relative.relative <= limit, f"{found.relative.where}; {reproduce()}"
@@ -170,14 +171,14 @@ def test_cache_holds_the_reference_keys_and_values(stage_under_test, pair_name, 
 @given(data=st.data())
 def test_slots_past_the_sequence_are_never_read(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    assert_within(sut, stages.KV_CACHE, "sentinel_err", props.unread_slots(sut.runner, draw_case(data, sut)))
+    assert_within(sut, stages.KV_CACHE, "sentinel_err", measures.unread_slots(sut.runner, draw_case(data, sut)))
 
 
 @per_stage
 @given(data=st.data())
 def test_decode_writes_exactly_one_slot_at_input_pos(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
-    write = props.decode_write(sut.runner, draw_case(data, sut))
+    write = measures.decode_write(sut.runner, draw_case(data, sut))
     assert (write.stray_slots, write.missed_writes) == (0, 0), f"{write.where}; reproduce: {reproduce()}"
     assert_within(sut, stages.KV_CACHE, "write_err", write.content)
 
@@ -189,17 +190,17 @@ def test_decode_writes_exactly_one_slot_at_input_pos(stage_under_test, pair_name
 def test_identical_inputs_give_bit_identical_outputs(stage_under_test, pair_name, stage, data):
     sut = stage_under_test(pair_name, stage)
     runners = [r for r in (sut.runner, sut.fresh) if r is not None]
-    assert props.determinism(runners, draw_case(data, sut)) == 0, f"reproduce: {reproduce()}"
+    assert measures.determinism(runners, draw_case(data, sut)) == 0, f"reproduce: {reproduce()}"
 
 
 @per_stage
 def test_a_sequence_filling_the_cache_matches_hf(stage_under_test, pair_name, stage):
     """Up to the last slot, and past the sliding window when the pair has one."""
     sut = stage_under_test(pair_name, stage)
-    references = props.References.compute(sut.hf_model, sut.pair, [])
+    references = properties.References.compute(sut.hf_model, sut.pair, [])
     assert len(references.long_tokens) == sut.runner.kv_cache_max > references.window  # 0 without a window
-    found = props.long_sequence(sut.runner, references.long_tokens, sut.pair.export.prefill_lens,
-                                references.long_logits)
+    found = measures.long_sequence(sut.runner, references.long_tokens, sut.pair.export.prefill_lens,
+                                   references.long_logits)
     metrics = ({"long_mean_kl": found.mean_kl, "long_max_kl": found.max_kl} if sut.quantized
                else {"long_err": found.deviation.max_abs})
     for (name, value), limit in zip(metrics.items(), sut.limits(stages.KV_CACHE, *metrics)):
@@ -214,9 +215,9 @@ def test_going_past_the_end_of_the_cache_is_a_harness_error(stage_under_test, pa
     with pytest.raises(HarnessError, match="kv_cache_max"):
         run_trajectory(runner, Trajectory(4, tokens))  # positions 0..end: one past the last slot
     with pytest.raises(HarnessError, match="kv_cache_max"):
-        props.decode_at(runner, 1, end, runner.empty_kv())
+        runner.decode(1, end, runner.empty_kv())
     with pytest.raises(HarnessError, match="kv_cache_max"):
-        props.prefill_at(runner, tokens[:2], end - 1, runner.empty_kv())
+        runner.prefill_at(tokens[:2], end - 1, runner.empty_kv())
     logits = run_trajectory(runner, Trajectory(4, tokens[:end + 1]))  # the last slot itself works
     assert logits.shape[0] == end and np.isfinite(logits).all()
 
@@ -227,7 +228,7 @@ def test_going_past_the_end_of_the_cache_is_a_harness_error(stage_under_test, pa
 def test_verify_records_prefill_decode_and_kv_cache_per_stage(property_runs, pairs, options, pair_name):
     report = property_runs(pair_name)  # verified with the property checks, as `harness verify` does
     results = [r for r in report.results if r.check in (stages.PREFILL_DECODE, stages.KV_CACHE)]
-    expected = {(stage, check) for stage in props.property_stages(report.state.runners)
+    expected = {(stage, check) for stage in properties.property_stages(report.state.runners)
                 for check in (stages.PREFILL_DECODE, stages.KV_CACHE)}
     assert {(r.stage, r.check) for r in results} == expected and len(results) == len(expected)
     failed = [(r.stage, r.check, r.message) for r in results if r.status != PASS]
@@ -240,8 +241,8 @@ def test_verify_runs_the_properties_by_default():
     from harness.config import RunConfig
 
     config = RunConfig.from_cli(cli.build_parser().parse_args(["verify"]), "verify")
-    assert props.property_checks in suite.verify_checks(config)
-    assert props.property_checks.name == stages.PROPERTIES
+    assert properties.property_checks in suite.verify_checks(config)
+    assert properties.property_checks.name == stages.PROPERTIES
 
 
 # --- every property can fail: real defects, and which property catches each ---------------------
@@ -256,16 +257,16 @@ class WritesOneSlotLate:
         return getattr(self.inner, name)
 
     def decode(self, token, pos, kv):
-        before = props.kv_layers(kv)
+        before = self.inner.kv_layers(kv)
         logits, after = self.inner.decode(token, pos, kv)
         shifted = []
-        for (k0, v0), (k1, v1) in zip(before, props.kv_layers(after)):
+        for (k0, v0), (k1, v1) in zip(before, self.inner.kv_layers(after)):
             k, v = k1.copy(), v1.copy()
             k[:, pos], v[:, pos] = k0[:, pos], v0[:, pos]
             if pos + 1 < k.shape[1]:
                 k[:, pos + 1], v[:, pos + 1] = k1[:, pos], v1[:, pos]
             shifted.append((k, v))
-        return logits, props.with_kv_layers(after, shifted)
+        return logits, self.inner.kv_from_layers(shifted)
 
 
 def sees_the_next_token(model):
@@ -299,19 +300,19 @@ def caught(sut: StageUnderTest, runner, prop: str, cases) -> float:
     """The property's worst violation over the cases, in multiples of its gate (> 1: caught)."""
     pd, kv = sut.thresholds(stages.PREFILL_DECODE), sut.thresholds(stages.KV_CACHE)
     lens = sut.pair.export.prefill_lens
-    measures = {
-        "prefix": lambda c: props.prefix_consistency(runner, c).max_abs / pd["max_prefix_err"],
-        "chunked": lambda c: props.chunked_prefill(runner, c).max_abs / pd["max_chunked_err"],
-        "causality": lambda c: props.causality(runner, c).max_abs / pd["max_causality_err"],
-        "padding": lambda c: props.padding(runner, c, lens)[0].max_abs / pd["max_padding_err"],
-        "resume": lambda c: props.padding(runner, c, lens)[1].max_abs / pd["max_resume_err"],
-        "sentinel": lambda c: props.unread_slots(runner, c).max_abs / kv["max_sentinel_err"],
+    by_property = {
+        "prefix": lambda c: measures.prefix_consistency(runner, c).max_abs / pd["max_prefix_err"],
+        "chunked": lambda c: measures.chunked_prefill(runner, c).max_abs / pd["max_chunked_err"],
+        "causality": lambda c: measures.causality(runner, c).max_abs / pd["max_causality_err"],
+        "padding": lambda c: measures.padding(runner, c, lens)[0].max_abs / pd["max_padding_err"],
+        "resume": lambda c: measures.padding(runner, c, lens)[1].max_abs / pd["max_resume_err"],
+        "sentinel": lambda c: measures.unread_slots(runner, c).max_abs / kv["max_sentinel_err"],
         "decode_write": lambda c: (lambda w: np.inf if w.stray_slots or w.missed_writes
-                                   else w.content.max_abs / kv["max_write_err"])(props.decode_write(runner, c)),
-        "kv_reference": lambda c: props.kv_reference(runner, c, props.reference_kv(sut.hf_model, c.prompt))
+                                   else w.content.max_abs / kv["max_write_err"])(measures.decode_write(runner, c)),
+        "kv_reference": lambda c: measures.kv_reference(runner, c, measures.reference_kv(sut.hf_model, c.prompt))
                                        .absolute.max_abs / kv["max_reference_err"],
     }
-    return max(np.nan_to_num(measures[prop](c), nan=np.inf) for c in cases)
+    return max(np.nan_to_num(by_property[prop](c), nan=np.inf) for c in cases)
 
 
 # (defect, stage) -> the properties that must catch it; each also names the stage it is injected at.
@@ -365,7 +366,7 @@ def test_a_defect_fails_verify_records_with_a_reproduce_command(property_runs):
     state = property_runs("tiny_llama").state
     runners = {stages.TFLITE_FLOAT: WritesOneSlotLate(state.runners[stages.TFLITE_FLOAT]),
                stages.REAUTHORED: state.runners[stages.REAUTHORED]}
-    results = {(r.stage, r.check): r for r in props.property_checks(dataclasses.replace(state, runners=runners))}
+    results = {(r.stage, r.check): r for r in properties.property_checks(dataclasses.replace(state, runners=runners))}
     assert results[(stages.REAUTHORED, stages.KV_CACHE)].status == PASS
     broken = results[(stages.TFLITE_FLOAT, stages.KV_CACHE)]
     assert broken.status == FAIL and broken.metrics["stray_slots"] > 0 and broken.metrics["missed_writes"] > 0
@@ -384,7 +385,7 @@ def test_a_failing_property_is_shrunk_and_names_its_command(stage_under_test):
     @settings(**(strategies.PROFILES[strategies.CI] | {"max_examples": 50, "print_blob": False}), deadline=None)
     @given(case=strategies.cases(sut.shape))
     def prefix_holds(case):
-        assert_within(sut, stages.PREFILL_DECODE, "prefix_err", props.prefix_consistency(runner, case))
+        assert_within(sut, stages.PREFILL_DECODE, "prefix_err", measures.prefix_consistency(runner, case))
 
     with pytest.raises(AssertionError) as failure:
         prefix_holds()
@@ -398,5 +399,5 @@ def test_nan_cannot_be_the_sentinel(stage_under_test):
     """Why the sentinel is huge but finite: masked slots enter attention with weight 0, and 0 * NaN = NaN."""
     sut = stage_under_test("tiny_llama", stages.TFLITE_FLOAT)
     case = strategies.seeded_cases(sut.shape, 1, seed=0)[0]
-    assert np.isnan(props.unread_slots(sut.runner, case, sentinel=float("nan")).max_abs)
-    assert props.unread_slots(sut.runner, case).max_abs == 0.0
+    assert np.isnan(measures.unread_slots(sut.runner, case, sentinel=float("nan")).max_abs)
+    assert measures.unread_slots(sut.runner, case).max_abs == 0.0

@@ -15,6 +15,7 @@ from harness.checkpoint import load_hf
 from harness.gates import Gates
 from harness.pipeline import verify_pair
 from harness.records import ERROR, FAIL, INFO, PASS, SKIP, XFAIL
+from harness.runners import Runner
 
 REAL = "gemma3_270m_real"
 INT8 = stages.tflite_stage("dynamic_int8")
@@ -97,13 +98,14 @@ class ByteTokenizer:
         return bytes(int(i) - 2 for i in ids if int(i) > 1).decode(errors="replace")
 
 
-class HFRunner:
+class HFRunner(Runner):
     """A stand-in for a flatbuffer, where a test needs what a real one cannot give: noise of a chosen size, and a
-    count of how many are open at once. The HF model itself behind the prefill/decode interface. The real
-    flatbuffers of tiny_llama run the same check in test_real_text_on_real_flatbuffers."""
+    count of how many are open at once. The HF model itself behind the runner interface (padded prefill at any
+    offset, decode). The real flatbuffers of tiny_llama run the same check in test_real_text_on_real_flatbuffers."""
 
     def __init__(self, model, prefill_lens, kv_cache_max, noise: float = 0.0, peers: list | None = None):
-        self.model, self.prefill_lens, self.kv_cache_max = model, prefill_lens, kv_cache_max
+        super().__init__(prefill_lens, kv_cache_max)
+        self.model = model
         self.rng = np.random.default_rng(0)
         self.noise = noise
         self.is_open, self.most_open = False, 0  # a flatbuffer's interpreter: opened by a call, freed by release
@@ -123,14 +125,6 @@ class HFRunner:
         with torch.no_grad():
             logits = self.model(torch.as_tensor(seen)[None]).logits[0, int(positions[0]):].numpy()
         return logits + self.noise * self.rng.standard_normal(logits.shape).astype(np.float32), seen
-
-    def prefill(self, tokens, kv):
-        logits, kv = self.call("prefill", np.asarray(tokens)[None], np.arange(len(tokens)), kv)
-        return logits, kv
-
-    def decode(self, token, pos, kv):
-        logits, kv = self.call("decode", np.array([[token]]), np.array([pos]), kv)
-        return logits[0], kv
 
 
 @pytest.fixture(scope="module")
