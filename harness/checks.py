@@ -12,7 +12,7 @@ from harness.records import PASS, CheckResult
 from harness.workload import Trajectory, greedy_of
 
 
-def verdict(model: str, stage: str, check: str, metrics: dict[str, Any], gate: Gate, detail: str = "",
+def judged(model: str, stage: str, check: str, metrics: dict[str, Any], gate: Gate, detail: str = "",
             detail_on_pass: bool = False) -> CheckResult:
     """Holds metrics to a gate; the message names every violation, and where, when it did not pass."""
     status, reasons = gate.judge(metrics)
@@ -51,7 +51,7 @@ def compare_logits(model: str, stage: str, candidate, reference, gate: Gate, par
     """A stage's logits against those of the stage it was derived from (`parent`)."""
     metrics = logit_errors(candidate, reference)
     detail = f"worst at prompt {metrics['worst_prompt']} position {metrics['worst_position']} vs {parent}"
-    return verdict(model, stage, stages.LOGITS, metrics, gate, detail)
+    return judged(model, stage, stages.LOGITS, metrics, gate, detail)
 
 
 def greedy_match(candidate: list[np.ndarray], trajectories: list[Trajectory]) -> float:
@@ -73,7 +73,7 @@ def compare_greedy(model: str, stage: str, candidate: list[np.ndarray], trajecto
             step = int(np.argmin(same))
             first = f"prompt {i} diverges at generated token {step}: {int(ours[step])} instead of HF's {int(traj.greedy[step])}"
     metrics = {"match": matched / max(total, 1), "tokens": total}
-    return verdict(model, stage, stages.GREEDY, metrics, gate, first or "")
+    return judged(model, stage, stages.GREEDY, metrics, gate, first or "")
 
 
 def kl_divergences(candidate: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
@@ -102,14 +102,14 @@ def quant_accuracy(model: str, stage: str, candidate, float_reference, gate: Gat
     }
     if trajectories is not None:  # how often its greedy tokens are HF's, for the reader (not gated by default)
         metrics["greedy_match_vs_hf"] = greedy_match(candidate, trajectories)
-    return verdict(model, stage, stages.QUANT_ACCURACY, metrics, gate, f"vs {stages.TFLITE_FLOAT}")
+    return judged(model, stage, stages.QUANT_ACCURACY, metrics, gate, f"vs {stages.TFLITE_FLOAT}")
 
 
 def sensitivity(model: str, entropy_ratio: float, gate: Gate) -> CheckResult:
     """Is the random reference sensitive: attention far enough from uniform to expose positional bugs?"""
     metrics = {"entropy_ratio": entropy_ratio}
     detail = "attention is near-uniform: raise the pair's init_std so positional defects show"
-    return verdict(model, stages.HF, stages.SENSITIVITY, metrics, gate, detail)
+    return judged(model, stages.HF, stages.SENSITIVITY, metrics, gate, detail)
 
 
 def weight_coverage(model: str, coverage: dict[str, Any], gate: Gate) -> CheckResult:
@@ -126,7 +126,7 @@ def weight_coverage(model: str, coverage: dict[str, Any], gate: Gate) -> CheckRe
         if coverage.get(key):
             lists.append(f"{label}: {', '.join(coverage[key][:10])}" + (" ..." if len(coverage[key]) > 10 else ""))
     metrics["lists"] = {k: coverage.get(k, []) for k in ("unused", "consumed_twice", "dropped", "unloaded_params")}
-    return verdict(model, stages.REAUTHORED, stages.WEIGHT_COVERAGE, metrics, gate, "; ".join(lists))
+    return judged(model, stages.REAUTHORED, stages.WEIGHT_COVERAGE, metrics, gate, "; ".join(lists))
 
 
 def composite_body(model: str, bodies: np.ndarray, resolved: np.ndarray, composites: int, where: str,
@@ -138,4 +138,4 @@ def composite_body(model: str, bodies: np.ndarray, resolved: np.ndarray, composi
     detail = (f"{where}: the lowered bodies disagree with their composites' attributes ({composites} composites "
               "resolved from attributes over the signatures); XlaCallModule runs a body, the TFLite converter "
               "builds the op from the attributes")
-    return verdict(model, stages.STABLEHLO, stages.COMPOSITE_BODY, metrics, gate, detail)
+    return judged(model, stages.STABLEHLO, stages.COMPOSITE_BODY, metrics, gate, detail)

@@ -14,7 +14,7 @@ import numpy as np
 
 from harness import stages
 from harness.checkpoint import load_hf
-from harness.checks import verdict
+from harness.checks import judged
 from harness.errors import HarnessError
 from harness.gates import judge
 from harness.property_measures import (Deviation, causality, chunked_prefill, decode_write, determinism,
@@ -158,7 +158,7 @@ def property_checks(state) -> list:
                 results.append(CheckResult(pair.name, stage, check, ERROR, message=f"{e}; {command}"))
                 continue
             gate = state.gate(stage, check)
-            results.append(verdict(pair.name, stage, check, metrics, gate,
+            results.append(judged(pair.name, stage, check, metrics, gate,
                                    _detail(metrics, gate.thresholds, where, command)))
     return results
 

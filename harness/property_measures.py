@@ -16,7 +16,7 @@ import torch
 
 from harness.checks import kl_divergences
 from harness.errors import HarnessError
-from harness.runners import run_trajectory
+from harness.runners import run_trajectory, teacher_forced
 from harness.strategies import Case
 from harness.workload import Trajectory
 
@@ -66,17 +66,6 @@ def worst(deviations) -> Deviation:
     return out
 
 
-def generate(runner, prompt, continuation, kv=None, **prefill_kwargs) -> tuple[np.ndarray, object]:
-    """Prefill then teacher-forced decodes: logits at every position of prompt + continuation."""
-    kv = runner.empty_kv() if kv is None else kv
-    logits, kv = runner.prefill_at(prompt, 0, kv, **prefill_kwargs)
-    rows = [logits]
-    for i, token in enumerate(continuation):
-        step, kv = runner.decode(int(token), len(prompt) + i, kv)
-        rows.append(np.asarray(step)[None])
-    return np.concatenate(rows), kv
-
-
 def filled_kv(runner, value: float):
     """An empty cache of the runner with every slot set to `value`."""
     return runner.kv_from_layers([(np.full_like(k, value), np.full_like(v, value))
@@ -89,13 +78,13 @@ def prefix_consistency(runner, case: Case) -> Deviation:
     """One prefill of prompt + continuation vs prefilling the first `split` tokens and decoding the rest."""
     tokens = np.concatenate([case.prompt, case.continuation])
     whole, _ = runner.prefill_at(tokens, 0, runner.empty_kv())
-    stepped, _ = generate(runner, tokens[:case.split], tokens[case.split:])
+    stepped, _ = teacher_forced(runner, tokens[:case.split], tokens[case.split:])
     return Deviation.between(stepped, whole, f"prefill {case.split} + decodes vs one prefill of {len(tokens)}")
 
 
 def chunked_prefill(runner, case: Case) -> Deviation:
     """Prefilling the prompt chunk by chunk at its offsets, then one decode, vs one-shot prefill."""
-    whole, _ = generate(runner, case.prompt, case.continuation[:1])
+    whole, _ = teacher_forced(runner, case.prompt, case.continuation[:1])
     kv, start, rows = runner.empty_kv(), 0, []
     for size in case.chunks:
         logits, kv = runner.prefill_at(case.prompt[start:start + size], start, kv)
@@ -110,10 +99,10 @@ def signature_agreement(runner, case: Case, prefill_lens: tuple[int, ...]) -> De
     """Every prefill signature the prompt fits (eager: padded to each exported length) gives the same logits."""
     n = len(case.prompt)
     lens = runner.prefill_lens or prefill_lens
-    reference, _ = generate(runner, case.prompt, case.continuation[:1])
+    reference, _ = teacher_forced(runner, case.prompt, case.continuation[:1])
     found = []
     for length in sorted(x for x in lens if x >= n):
-        got, _ = generate(runner, case.prompt, case.continuation[:1], pad_to=length)
+        got, _ = teacher_forced(runner, case.prompt, case.continuation[:1], pad_to=length)
         found.append(Deviation.between(got, reference, f"prefill_{length} vs the smallest fitting"))
     return worst(found)
 
@@ -134,15 +123,15 @@ def padding(runner, case: Case, prefill_lens: tuple[int, ...]) -> tuple[Deviatio
     longest = max(runner.prefill_lens or prefill_lens)
     tokens = np.concatenate([case.prompt, case.continuation])
     whole, _ = runner.prefill_at(tokens, 0, runner.empty_kv())
-    padded, _ = generate(runner, case.prompt, case.continuation, pad_to=longest, pad=case.pad)
+    padded, _ = teacher_forced(runner, case.prompt, case.continuation, pad_to=longest, pad=case.pad)
     return (Deviation.between(padded[:n], whole[:n], f"prompt of {n} padded with {case.pad} to {longest}"),
             Deviation.between(padded[n:], whole[n:], f"decodes from position {n} after padding to {longest}"))
 
 
 def unread_slots(runner, case: Case, sentinel: float = SENTINEL) -> Deviation:
     """Slots at and above the current length are never read: a sentinel-filled cache changes nothing."""
-    clean, _ = generate(runner, case.prompt, case.continuation)
-    dirty, _ = generate(runner, case.prompt, case.continuation, kv=filled_kv(runner, sentinel))
+    clean, _ = teacher_forced(runner, case.prompt, case.continuation)
+    dirty, _ = teacher_forced(runner, case.prompt, case.continuation, kv=filled_kv(runner, sentinel))
     return Deviation.between(dirty, clean, f"cache pre-filled with {sentinel:g}")
 
 
@@ -196,7 +185,7 @@ def determinism(runners: list, case: Case) -> int:
     """Identical inputs, repeated on one runner and on fresh ones: values that are not bit-identical."""
     runs = []
     for runner in [runners[0]] + list(runners):
-        logits, kv = generate(runner, case.prompt, case.continuation)
+        logits, kv = teacher_forced(runner, case.prompt, case.continuation)
         runs.append([logits] + [a for pair in runner.kv_layers(kv) for a in pair])
     return differing_values(runs)
 

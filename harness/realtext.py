@@ -19,7 +19,7 @@ import torch
 
 from harness import stages
 from harness.checkpoint import load_hf
-from harness.checks import verdict
+from harness.checks import judged
 from harness.errors import HarnessError
 from harness.gates import gate_for
 from harness.memory import release_freed
@@ -223,11 +223,11 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
         hf_ppl = hf_ppl or metrics["ppl"]
         detail = f"over {metrics['tokens']} tokens of {', '.join(documents)}" + (
             f", KL and top-1 vs {refs[name]}" if refs[name] else "")
-        results.append(verdict(pair.name, name, PERPLEXITY, metrics, gate_for(gates, pair, name, PERPLEXITY), detail))
+        results.append(judged(pair.name, name, PERPLEXITY, metrics, gate_for(gates, pair, name, PERPLEXITY), detail))
     return results
 
 
-def generate(runner, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+def greedy_continuation(runner, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
     """Free-running greedy generation: prefill the prompt, then decode the stage's own argmax."""
     kv = runner.empty_kv()
     logits, kv = runner.prefill(prompt, kv)
@@ -244,7 +244,7 @@ def greedy_text(pair: ModelPair, runners: dict[str, Any], trajectories, tokenize
     for name, runner in runners.items():
         texts, first = [], ""
         for i, traj in enumerate(trajectories):
-            ours = generate(runner, traj.tokens[:traj.prompt_len], len(traj.greedy))
+            ours = greedy_continuation(runner, traj.tokens[:traj.prompt_len], len(traj.greedy))
             hf_text, our_text = tokenizer.decode(traj.greedy), tokenizer.decode(ours)
             texts.append({"hf": hf_text, name: our_text})
             if hf_text != our_text and not first:
@@ -254,7 +254,7 @@ def greedy_text(pair: ModelPair, runners: dict[str, Any], trajectories, tokenize
         # A quantized flatbuffer's own greedy text drifts from HF's by design: reported, not gated, unless
         # the gates file gives it a threshold; the float flatbuffer's must be HF's.
         gate = gate_for(gates, pair, name, GREEDY_TEXT, informational=name != stages.TFLITE_FLOAT)
-        results.append(verdict(pair.name, name, GREEDY_TEXT, metrics, gate, first))
+        results.append(judged(pair.name, name, GREEDY_TEXT, metrics, gate, first))
     return results
 
 

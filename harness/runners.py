@@ -41,18 +41,23 @@ def check_positions(start: int, count: int, kv_cache_max: int, doing: str) -> No
         )
 
 
-def run_trajectory(runner, trajectory: Trajectory) -> np.ndarray:
-    """Prefill the prompt, decode the rest teacher-forced: logits at every position but the last."""
-    p = trajectory.prompt_len
-    tokens = trajectory.tokens
-    check_positions(0, len(tokens) - 1, runner.kv_cache_max, f"a trajectory of {len(tokens)} tokens")
-    kv = runner.empty_kv()
-    logits, kv = runner.prefill(tokens[:p], kv)
+def teacher_forced(runner, prompt, continuation, kv=None, **prefill_kwargs) -> tuple[np.ndarray, object]:
+    """Prefill the prompt, then decode each continuation token in turn: logits at every position, and the cache."""
+    kv = runner.empty_kv() if kv is None else kv
+    logits, kv = runner.prefill_at(prompt, 0, kv, **prefill_kwargs)
     rows = [logits]
-    for pos in range(p, len(tokens) - 1):
-        step, kv = runner.decode(int(tokens[pos]), pos, kv)
-        rows.append(step[None])
-    return np.concatenate(rows).astype(np.float32)
+    for i, token in enumerate(continuation):
+        step, kv = runner.decode(int(token), len(prompt) + i, kv)
+        rows.append(np.asarray(step)[None])
+    return np.concatenate(rows), kv
+
+
+def run_trajectory(runner, trajectory: Trajectory) -> np.ndarray:
+    """A stage along an HF trajectory, teacher-forced: logits at every position but the last."""
+    tokens, p = trajectory.tokens, trajectory.prompt_len
+    check_positions(0, len(tokens) - 1, runner.kv_cache_max, f"a trajectory of {len(tokens)} tokens")
+    logits, _ = teacher_forced(runner, tokens[:p], tokens[p:-1])
+    return logits.astype(np.float32)
 
 
 class Runner:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from harness import stages
-from harness.checks import verdict
+from harness.checks import judged
 from harness.errors import GoldenError
 from harness.gates import Gates, gate_for
 from harness.golden.serialise import GOLDEN, STATS, chain_versions, stage_names, update_command
@@ -175,7 +175,7 @@ def drift_records(golden: dict, path: Path, pair: ModelPair, logits: dict[str, l
         metrics["provenance_changes"] = changes
         context = (_where(drift) if metrics["changed"] else []) + [f"vs {recorded}"] + (
             [f"differs from its provenance: {'; '.join(changes)}"] if changes else [])
-        results.append(verdict(pair.name, stage, GOLDEN, metrics, gate_for(gates, pair, stage, GOLDEN),
+        results.append(judged(pair.name, stage, GOLDEN, metrics, gate_for(gates, pair, stage, GOLDEN),
                                "; ".join(context), detail_on_pass=metrics["changed"] or bool(changes)))
     return results
 
