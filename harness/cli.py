@@ -169,9 +169,7 @@ def cmd_bench(args) -> int:
     from harness.gates import load_gates
 
     config = RunConfig.from_cli(args, "bench")
-    selected, unknown, known = _selected(config)
-    if unknown:
-        raise HarnessError(f"unknown model pair(s) {', '.join(unknown)}; see `harness list`")
+    selected, unknown, known = _selected(config)  # as in verify and golden: the others run, exit 2 at the end
     if not selected:
         raise HarnessError(f"no model pair selected (suite {config.suite!r}); see `harness list`")
     if args.rounds < 2 or args.decode_steps < 1:
@@ -204,6 +202,8 @@ def cmd_bench(args) -> int:
     print()
     print(bench.render_perf(document))
     print(f"reports: {out / bench.PERF_JSON}, {out / bench.PERF_MD}")
+    if unknown:
+        return EXIT_USAGE
     return EXIT_GATE_FAILED if document["verdict"] == "fail" else EXIT_PASS
 
 

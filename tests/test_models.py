@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,27 +140,3 @@ def test_unsupported_architecture_is_an_error_record_and_others_run(change, mess
     errors = [r for r in by_model["broken"] if r["status"] == ERROR]
     assert len(errors) == 1 and errors[0]["stage"] == stages.HF and message in errors[0]["message"]
     assert {r["status"] for r in by_model["tiny_llama"]} == {PASS}
-
-
-
-def test_conversion_key_follows_what_the_builder_reads(tmp_path):
-    """Prose and unrelated code leave a cached flatbuffer valid; a config value the builder reads does not."""
-    from harness.convert import artifact_key
-    from models import tiny_llama
-
-    source = Path(tiny_llama.__file__).read_text().replace('name="tiny_llama"', 'name="copy"')
-    edits = {
-        "same": source,
-        "prose": source.replace('"""TinyLlama architecture', '"""Reworded. TinyLlama architecture')
-                       .replace("features=(", 'features=("extra",') + "\n\ndef unrelated():\n    return 1\n",
-        "rope": source.replace("rope_theta=10000.0", "rope_theta=20000.0"),
-    }
-    keys = {}
-    for edit, text in edits.items():
-        (tmp_path / edit).mkdir()
-        (tmp_path / edit / "copy.py").write_text(text)
-        pair = discover((tmp_path / edit,))["copy"]
-        keys[edit] = artifact_key(pair, tmp_path, "none", libraries={})
-    assert edits["rope"] != source and edits["prose"] != source
-    assert keys["prose"] == keys["same"]
-    assert keys["rope"] != keys["same"]

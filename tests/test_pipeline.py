@@ -239,3 +239,16 @@ def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, t
     runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
     for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
         np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
+
+
+def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):
+    from harness.pipeline import STAGES, planned_stages, recipe_stage
+
+    assert [s.name for s in STAGES] == list(stages.FLOAT_STAGES)
+    assert all(s.name in stages.CHECKS_AT and (s.parent is None or s.parent in s.needs) for s in STAGES)
+    spec = recipe_stage("fp16")
+    assert (spec.name, spec.parent, spec.needs) == ("tflite_fp16", stages.TFLITE_FLOAT, (stages.TFLITE_FLOAT,))
+    plan = planned_stages(tiny_llama, options.derive(stages=(stages.STABLEHLO,), quant=()))
+    assert [s.name for s in plan] == ["hf", "reauthored", "exported", "stablehlo"]
+    plan = planned_stages(tiny_llama, options.derive(stages=("tflite_fp16",), quant=("fp16",)))
+    assert [s.name for s in plan] == ["hf", "reauthored", "tflite_float", "tflite_fp16"]
