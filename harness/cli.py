@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from harness import config as cfg
@@ -211,10 +212,13 @@ COMMANDS = {"verify": cmd_verify, "bench": cmd_bench, "list": cmd_list, "golden"
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """The libraries' import-time and progress logging says nothing about a run; -v shows it."""
+    """The libraries' import-time and progress logging says nothing about a run; -v shows it (children too)."""
     if verbose:
+        os.environ[cfg.VERBOSE_ENV] = "1"
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # the libraries' own deprecations
+        warnings.filterwarnings("ignore", category=category)
     for noisy in ("torchao", "torch.utils._pytree", "absl", "tensorflow", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -19,6 +19,9 @@ from harness import stages
 from harness.errors import HarnessError
 
 
+VERBOSE_ENV = "EDGE_PARITY_VERBOSE"  # set by `harness -v` for the whole run, children included
+
+
 def default_cache_dir() -> str:
     """$EDGE_PARITY_CACHE, else ~/.cache/edge-parity: read when a configuration is made, not at import."""
     return os.environ.get("EDGE_PARITY_CACHE") or str(Path.home() / ".cache" / "edge-parity")

@@ -18,6 +18,18 @@ def export_config():
     return ec.ExportConfig(output_logits_on_prefill=True)
 
 
+def quiet_progress() -> None:
+    """litert-torch prints a progress line per export and lowering step; a run says what it measured instead
+    (`harness -v` shows them)."""
+    import os
+
+    from litert_torch import progress
+
+    from harness.config import VERBOSE_ENV
+
+    progress.console.quiet = not os.environ.get(VERBOSE_ENV)
+
+
 def converter_signatures(model, prefill_lens, kv_cache_max):
     """The prefill_<len> and decode signatures exactly as converter.convert_to_tflite adds them."""
     from litert_torch._convert import interface
@@ -34,6 +46,7 @@ def export_programs(signatures) -> dict[str, torch.export.ExportedProgram]:
     """torch.export of each signature, with the converter's pre-conversion decompositions."""
     from litert_torch._convert import core
 
+    quiet_progress()
     return {sig.name: core.export_torch_signature(sig) for sig in signatures}
 
 
@@ -176,6 +189,7 @@ def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_wei
     from litert_torch import backend
     from litert_torch._convert import core
 
+    quiet_progress()
     lowered, resolved, bodies = {}, {}, {}
     for name, ep in programs.items():
         module = backend.export.exported_program_to_mlir(core._run_convert_passes(ep), inline_constants=inline_weights)
