@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,17 @@ class ChildFailed(Exception):
 
     def __str__(self) -> str:
         return f"{self.kind} child exited with {self.code}: " + " | ".join(t for t in self.tail if t.strip())[-1500:]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C reached the parent while a child ran: the child was stopped, its partial result is kept."""
+
+    def __init__(self, kind: str, partial: dict[str, Any] | None):
+        super().__init__(kind)
+        self.kind, self.partial = kind, partial
+
+
+STOP_GRACE_S = 30  # a child told to stop finishes its cleanup (a cache build's staging directory) within this
 
 
 class Channel:
@@ -85,14 +97,33 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
                 else:
                     tail = (tail + [line.rstrip("\n")])[-15:]
             code = proc.wait(timeout=timeout)
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise Interrupted(kind, _read(result_path)) from None
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        written = json.loads(result_path.read_text()) if result_path.exists() else None
+        written = _read(result_path)
     if code == 0 and written is not None and not written.get("partial"):
         return written["result"]
     raise ChildFailed(kind, code, tail, written["result"] if written else None)
+
+
+def _read(result_path: Path) -> dict[str, Any] | None:
+    return json.loads(result_path.read_text()) if result_path.exists() else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the child to stop as Ctrl-C would (a terminal sends it to the child too; it acts on the first),
+    then wait for its cleanup; kill it if it does not finish."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv: list[str]) -> int:
@@ -101,9 +132,19 @@ def main(argv: list[str]) -> int:
     module, function = HANDLERS.get(job["kind"], job["kind"]).split(":")
     handler = getattr(importlib.import_module(module), function)
     channel = Channel(Path(argv[1]))
-    result = handler(job["payload"], channel)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        result = handler(job["payload"], channel)
+    except KeyboardInterrupt:  # the partial result written so far stays; the parent reports the stop
+        return 130
     _write(channel.result_path, {"partial": False, "result": result})
     return 0
+
+
+def _interrupt_once(signum, frame) -> None:
+    """The first SIGINT stops the job; later ones (the terminal's and the parent's) must not cut its cleanup short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

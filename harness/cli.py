@@ -19,19 +19,36 @@ from harness import stages
 from harness.config import RunConfig
 from harness.errors import HarnessError
 
-EXIT_PASS, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PASS, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+DESCRIPTION = """Verifies that an LLM re-authored with litert-torch still behaves like its Hugging Face original
+at every step to the device: HF, re-authored PyTorch, torch.export, StableHLO, float and quantized TFLite.
+Each model pair goes through every stage; each stage is compared with the one it came from and judged
+against the gates file. Start with `harness list`, then `harness verify --models tiny_llama`."""
+
+EXIT_CODES = """exit codes:
+  0    every gated check passed
+  1    a gate failed, or a stage errored (reports say which and why)
+  2    usage or configuration error (said before any work), or a named pair that is unknown or broken
+  130  interrupted (Ctrl-C): the stages and pairs that finished are in the reports, marked INTERRUPTED"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own log output")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    verify = sub.add_parser("verify", help="run model pairs through every stage and gate them")
+    verify = sub.add_parser("verify", help="run model pairs through every stage and gate them",
+                            description="Runs the selected pairs through every stage and gates each check; writes "
+                                        "parity.json and summary.md to --out after every pair.",
+                            epilog=EXIT_CODES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (cfg.models_group, cfg.gates_group, cfg.cache_group, cfg.quant_group, cfg.threads_group,
                   cfg.stages_group, cfg.golden_group, cfg.output_group, cfg.isolation_group):
         group(verify)
@@ -75,26 +92,31 @@ def _bench_flags(bench: argparse.ArgumentParser) -> None:
 
 
 def _selected(config: RunConfig):
-    """The pairs a configuration selects, the names that match none (each said on stderr), and every known pair."""
-    from harness.pairs import discover, select, unknown_model_message
+    """The pairs a configuration selects, the names it cannot run (each said on stderr: unknown, or a broken
+    pair file), the pairs found, and every name (broken files included: gates overrides for them stay valid)."""
+    from harness.pairs import scan, select, unknown_model_message
 
-    known = discover(tuple(Path(d) for d in config.models_dirs))
-    selected, unknown = select(known, list(config.models) if config.models else None, config.suite)
+    known, broken = scan(tuple(Path(d) for d in config.models_dirs))
+    selected, unknown = select(known, list(config.models) if config.models else None, config.suite, broken)
     for name in unknown:
-        print(f"error: {unknown_model_message(name, known)}", file=sys.stderr)
-    return selected, unknown, known
+        print(f"error: {unknown_model_message(name, known, broken)}", file=sys.stderr)
+    for name, damage in broken.items():
+        if name not in unknown:
+            print(f"note: {damage.message()}", file=sys.stderr)
+    return selected, unknown, known, [*known, *broken]
 
 
 def cmd_list(args) -> int:
     from tabulate import tabulate
 
-    from harness.pairs import discover
+    from harness.pairs import scan
 
-    pairs = discover(tuple(Path(d) for d in args.models_dirs or ()))
+    pairs, broken = scan(tuple(Path(d) for d in args.models_dirs or ()))
     rows = [[p.name, p.hf_class, ", ".join(p.features), ",".join(p.suites),
              ", ".join(r + ("*" if r in p.default_quant else "") for r in p.quant_recipes),
              "; ".join(f"{d.name} ({d.stage} {d.check}: {d.describe_band()})" for d in p.expected_failures)]
             for p in pairs.values()]
+    rows += [[b.name, "BROKEN", b.error[:100], "", "", f"fix {b.where}"] for b in broken.values()]
     print(tabulate(rows, headers=["pair", "HF reference", "features", "suites", "quant recipes (* default)",
                                   "declared upstream defects"]))
     print()
@@ -109,7 +131,7 @@ def cmd_verify(args) -> int:
 
     start = time.perf_counter()
     config = RunConfig.from_cli(args, "verify")
-    _, unknown, _ = _selected(config)
+    _, unknown, _, _ = _selected(config)
     document = suite.run_suite(config, _echo)
     out = Path(config.out)
     release = report.write_release(out, document) if config.against == "golden" else None
@@ -118,12 +140,16 @@ def cmd_verify(args) -> int:
     if release:
         print(release.read_text())
     for name in unknown:  # said before the run too, where it may have scrolled away
-        print(f"error: no model pair {name!r} (see `harness list`); the others ran", file=sys.stderr)
+        print(f"error: {name!r} did not run: unknown, or its pair file is broken (see `harness list`); "
+              "the others ran", file=sys.stderr)
     print(f"reports: {out / report.PARITY_JSON}, {out / report.SUMMARY_MD}"
           + (f", {release}" if release else "") + f" ({time.perf_counter() - start:.0f}s)")
+    verdict = report.overall(document)
+    if verdict == "interrupted":
+        return EXIT_INTERRUPTED
     if unknown:
         return EXIT_USAGE
-    return EXIT_PASS if report.overall(document) == "pass" else EXIT_GATE_FAILED
+    return EXIT_PASS if verdict == "pass" else EXIT_GATE_FAILED
 
 
 def cmd_golden(args) -> int:
@@ -137,9 +163,9 @@ def cmd_golden(args) -> int:
         raise HarnessError("--force and --reason go together: --force --reason \"why this output is the new "
                            "reference\" (the reason is stored in the golden's provenance)")
     config = RunConfig.from_cli(args, "golden")
-    selected, unknown, known = _selected(config)
+    selected, unknown, _, names = _selected(config)
     options = RunOptions.open(config)
-    options.gates.require_models(known)
+    options.gates.require_models(names)
     golden_dir = Path(config.golden_dir)
 
     def progress(model, stage, seconds, produced):
@@ -156,7 +182,7 @@ def cmd_golden(args) -> int:
     print()
     for o in outcomes:
         print(f"{o.model}: {o.status} ({display_path(o.path)})")
-    for path in golden.stale_files(golden_dir, set(known)):
+    for path in golden.stale_files(golden_dir, set(names)):
         print(f"stale: {display_path(path)} matches no model pair; delete it, or restore the pair")
     if unknown:
         return EXIT_USAGE
@@ -170,7 +196,7 @@ def cmd_bench(args) -> int:
     from harness.gates import load_gates
 
     config = RunConfig.from_cli(args, "bench")
-    selected, unknown, known = _selected(config)  # as in verify and golden: the others run, exit 2 at the end
+    selected, unknown, known, names = _selected(config)  # as in verify and golden: the others run, exit 2 at the end
     if not selected:
         raise HarnessError(f"no model pair selected (suite {config.suite!r}); see `harness list`")
     if args.rounds < 2 or args.decode_steps < 1:
@@ -180,7 +206,7 @@ def cmd_bench(args) -> int:
     if args.slower and args.slower not in known:
         raise HarnessError(f"--slower {args.slower}: no such model pair; see `harness list`")
     gates = load_gates(Path(config.gates))
-    gates.require_models(known)
+    gates.require_models(names)
     with ArtifactCache(Path(config.cache_dir), shared=config.shared_cache) as cache:
         settings = bench.BenchSettings(threads=config.threads, decode_steps=args.decode_steps, rounds=args.rounds,
                                        cache_dir=str(cache.store), models_dirs=config.models_dirs,
@@ -231,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # verify keeps what finished (harness.suite); elsewhere nothing half-done is kept
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -114,13 +114,24 @@ class RunConfig:
 
 
 def _check_writable(out: Path) -> None:
+    """Tries a write where the reports will go (its nearest existing folder): permission bits do not tell
+    (root passes them; a read-only file system or /sys does not)."""
+    import tempfile
+
     if out.exists() and not out.is_dir():
         raise HarnessError(f"--out {out} is a file; pass a directory for the reports")
-    probe = out
+    probe = out.absolute()
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise HarnessError(f"--out {out}: {probe} is not writable; pass a directory you can write to")
+    if not probe.is_dir():
+        raise HarnessError(f"--out {out}: {probe} is a file, not a folder; pass a directory for the reports")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".edge-parity-write-probe-", dir=probe)
+    except OSError as e:
+        raise HarnessError(f"--out {out}: cannot write in {probe} ({e.strerror}); pass a directory you can "
+                           "write to") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 # ---------------------------------------------------------------- argument groups
@@ -148,10 +159,10 @@ def _threads(value: str) -> tuple[int, ...]:
 
 
 def models_group(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names, default=None, help="comma list of pair names")
-    parser.add_argument("--suite", default=None, choices=["default", "full"], help="the suite when no --models")
+    parser.add_argument("--models", type=_names, default=None, help="comma list of pair names (default: the suite's pairs)")
+    parser.add_argument("--suite", default=None, choices=["default", "full"], help="the suite run when no --models (default: default)")
     parser.add_argument("--models-dir", dest="models_dirs", action="append", type=str, default=None,
-                        help="extra folder of pair files (repeatable)")
+                        help="extra folder of pair files, besides models/ (repeatable)")
 
 
 def gates_group(parser: argparse.ArgumentParser) -> None:
@@ -159,12 +170,12 @@ def gates_group(parser: argparse.ArgumentParser) -> None:
 
 
 def cache_group(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", default=None, help="artifact cache directory ($EDGE_PARITY_CACHE)")
+    parser.add_argument("--cache-dir", default=None, help="artifact cache directory (default: $EDGE_PARITY_CACHE, else ~/.cache/edge-parity)")
     parser.add_argument("--no-cache", action="store_true", help="build everything afresh, privately")
 
 
 def quant_group(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quant", type=_quant, default=None, help="'default', 'all', 'none' or a comma list")
+    parser.add_argument("--quant", type=_quant, default=None, help="quant recipes: 'default' (each pair's own), 'all', 'none' or a comma list")
 
 
 def threads_group(parser: argparse.ArgumentParser, default: str = "2") -> None:
@@ -174,7 +185,7 @@ def threads_group(parser: argparse.ArgumentParser, default: str = "2") -> None:
 
 def stages_group(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=_names, default=None,
-                        help="comma list of stages to run (hf and reauthored always run)")
+                        help="comma list of stages to run (default: all; hf and reauthored always run)")
 
 
 def golden_group(parser: argparse.ArgumentParser, release: bool = True) -> None:
@@ -189,4 +200,4 @@ def output_group(parser: argparse.ArgumentParser, default: str | None = "reports
 
 
 def isolation_group(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in-process", action="store_true", help="no child process per pair (for debugging)")
+    parser.add_argument("--in-process", action="store_true", help="run pairs in this process, not one child each (for debugging; a crash then stops the run)")

@@ -96,7 +96,7 @@ def _validate_stages(table: dict[str, Any], where: str, prefix: str) -> None:
                 if not key.startswith(("max_", "min_")):
                     raise GatesError(f"gates file {where}: {name}.{key} must start with max_ or min_")
                 if key[4:] not in metrics:
-                    valid = [f"{bound}_{m}" for m in metrics for bound in ("max", "min")]
+                    valid = [f"{key[:3]}_{m}" for m in metrics]  # the bound it was written with
                     raise GatesError(f"gates file {where}: {name}.{key}: {check} measures no metric {key[4:]!r} "
                                      f"({_nearest(key, valid)})")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

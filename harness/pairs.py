@@ -211,18 +211,28 @@ def fingerprint(pair: ModelPair) -> str:
 MODELS_PACKAGE = "models"
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenPairFile:
+    """A pair file that failed to load: reported (list, an error record in a run), never hiding the others."""
+
+    name: str  # the file's stem: the name a run would ask for
+    where: str
+    error: str
+
+    def message(self) -> str:
+        return f"pair file {self.where} is broken: {self.error}; fix it (the other pairs still run)"
+
+
 def _load_file(path: Path):
     spec = importlib.util.spec_from_file_location(f"_edge_parity_models.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a broken pair file must not hide the others
-        raise HarnessError(f"model file {path} failed to import: {type(e).__name__}: {e}") from e
+    spec.loader.exec_module(module)
     return module
 
 
-def discover(models_dirs: tuple[Path, ...] = ()) -> dict[str, ModelPair]:
-    """All pairs: one `PAIR` per module of the models package, plus any extra directories."""
+def scan(models_dirs: tuple[Path, ...] = ()) -> tuple[dict[str, ModelPair], dict[str, BrokenPairFile]]:
+    """All pairs (one `PAIR` per module of the models package, plus any extra directories), and the files that
+    failed to load: a broken file must not hide the others."""
     modules = []
     package = importlib.import_module(MODELS_PACKAGE)
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -235,24 +245,41 @@ def discover(models_dirs: tuple[Path, ...] = ()) -> dict[str, ModelPair]:
         for path in sorted(Path(directory).glob("*.py")):
             if not path.name.startswith("_"):
                 modules.append((str(path), lambda p=path: _load_file(p)))
-    pairs = {}
+    pairs, broken = {}, {}
     for where, load in modules:
-        module = load()
-        pair = getattr(module, "PAIR", None)
+        stem = Path(where).stem
+        try:
+            pair = getattr(load(), "PAIR", None)
+        except Exception as e:  # noqa: BLE001 - whatever a pair file raises, it is that file's problem
+            broken[stem] = BrokenPairFile(stem, where, f"{type(e).__name__}: {e}")
+            continue
         if not isinstance(pair, ModelPair):
-            raise HarnessError(f"{where} defines no PAIR = ModelPair(...); every model file declares exactly one")
+            broken[stem] = BrokenPairFile(stem, where, "it defines no PAIR = ModelPair(...); every model file "
+                                                       "declares exactly one")
+            continue
         if pair.name in pairs:
             raise HarnessError(f"two model files declare the pair name {pair.name!r}; names must be unique")
         pairs[pair.name] = pair
-    return pairs
+    return pairs, broken
 
 
-def select(pairs: dict[str, ModelPair], names: list[str] | None, suite: str = "default") -> tuple[list[ModelPair], list[str]]:
-    """The pairs a run asked for, by name or by suite, and the names that match no pair."""
+def discover(models_dirs: tuple[Path, ...] = ()) -> dict[str, ModelPair]:
+    """The pairs that load (scan also says which files did not)."""
+    return scan(models_dirs)[0]
+
+
+def select(pairs: dict[str, ModelPair], names: list[str] | None, suite: str = "default",
+           broken: dict[str, BrokenPairFile] | None = None) -> tuple[list[ModelPair], list[str]]:
+    """The pairs a run asked for, by name or by suite, and the names it cannot run: unknown, or a broken
+    file (a suite counts every broken file: nobody can tell which suite it was meant for)."""
+    broken = broken or {}
     if not names:
-        return [p for p in pairs.values() if suite in p.suites], []
+        return [p for p in pairs.values() if suite in p.suites], [n for n in broken if n not in pairs]
     return [pairs[n] for n in names if n in pairs], [n for n in names if n not in pairs]
 
 
-def unknown_model_message(name: str, pairs: dict[str, ModelPair]) -> str:
+def unknown_model_message(name: str, pairs: dict[str, ModelPair],
+                          broken: dict[str, BrokenPairFile] | None = None) -> str:
+    if name in (broken or {}):
+        return broken[name].message()
     return f"unknown model pair {name!r}; known: {', '.join(sorted(pairs))} (see `harness list`)"

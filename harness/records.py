@@ -9,10 +9,14 @@ import os
 import platform
 from typing import Any
 
-PASS, FAIL, ERROR, SKIP, XFAIL, INFO = "pass", "fail", "error", "skip", "xfail", "info"
+PASS, FAIL, ERROR, SKIP, XFAIL, INFO, NOT_RUN = "pass", "fail", "error", "skip", "xfail", "info", "not_run"
 # info: a measurement reported without a gate (never counted as a pass); xfail: a failure inside the band
-# of a declared upstream defect (harness/gates.py Gate.judge).
-STATUSES = (PASS, FAIL, ERROR, SKIP, XFAIL, INFO)
+# of a declared upstream defect (harness/gates.py Gate.judge); not_run: a stage or pair the run asked for
+# and never reached (it was interrupted, or is still going): a report holding one never reads as PASS.
+STATUSES = (PASS, FAIL, ERROR, SKIP, XFAIL, INFO, NOT_RUN)
+
+# A run's own status (parity.json run.status): running while pairs remain, then complete or interrupted.
+RUNNING, COMPLETE, INTERRUPTED = "running", "complete", "interrupted"
 
 
 @dataclasses.dataclass

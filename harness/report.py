@@ -16,7 +16,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.paths import scrub
-from harness.records import ERROR, FAIL, INFO, PASS, SKIP, XFAIL
+from harness.records import COMPLETE, ERROR, FAIL, INFO, INTERRUPTED, NOT_RUN, PASS, SKIP, XFAIL
 from harness.stages import GOLDEN
 
 SCHEMA_VERSION = 1
@@ -40,12 +40,19 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets what any file the user makes gets
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def parity_document(run: dict[str, Any], results: list, models: dict[str, Any]) -> dict[str, Any]:
@@ -64,10 +71,22 @@ def write_parity(out_dir: Path, document: dict[str, Any]) -> Path:
 
 
 def overall(document: dict[str, Any]) -> str:
-    """pass unless some record failed or errored; skips, bounded expected failures and informational
-    records do not fail a gate (nor count as passes)."""
+    """The run's verdict: interrupted (stopped by the user), fail (a record failed or errored), incomplete
+    (something asked for has not run: never a pass), else pass. Skips, bounded expected failures and
+    informational records do not fail a gate (nor count as passes)."""
     statuses = {r["status"] for r in document["results"]}
-    return "fail" if statuses & {FAIL, ERROR} else "pass"
+    run_status = document["run"].get("status", COMPLETE)
+    if run_status == INTERRUPTED:
+        return "interrupted"
+    if statuses & {FAIL, ERROR}:
+        return "fail"
+    return "incomplete" if NOT_RUN in statuses or run_status != COMPLETE else "pass"
+
+
+def table_cell(text: str, fmt: str = "github") -> str:
+    """A message as one table cell: a newline would end the row, and in Markdown a `|` the cell."""
+    cell = " ".join(str(text).split())
+    return cell.replace("|", "\\|") if fmt == "github" else cell
 
 
 def _fmt(value: Any) -> str:
@@ -92,13 +111,14 @@ def model_table(results: list[dict[str, Any]], fmt: str = "github") -> str:
     rows = []
     for r in results:
         rows.append([r["stage"], r["check"], r["status"].upper() if r["status"] != PASS else "pass"]
-                    + [beside_threshold(r["metrics"], r["threshold"], m) for m in metrics] + [r["message"][:160]])
+                    + [beside_threshold(r["metrics"], r["threshold"], m) for m in metrics]
+                    + [table_cell(r["message"], fmt)])  # whole: the numbers that explain a failure come last
     return tabulate(rows, headers=["stage", "check", "status", *metrics, "message"], tablefmt=fmt)
 
 
 def counts(results: list[dict[str, Any]]) -> str:
     parts = []
-    for status in (PASS, FAIL, ERROR, SKIP, XFAIL, INFO):
+    for status in (PASS, FAIL, ERROR, NOT_RUN, SKIP, XFAIL, INFO):
         n = sum(r["status"] == status for r in results)
         if n:
             parts.append(f"{n} {status}")
@@ -110,7 +130,10 @@ def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
     run = document["run"]
     versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
     lines = [f"# edge-parity: {overall(document).upper()}", "",
-             f"{counts(document['results'])}. Gates: `{run.get('gates', '')}`.", "", f"Versions: {versions}.", ""]
+             f"{counts(document['results'])}. Gates: `{run.get('gates', '')}`.", ""]
+    if run.get("stopped"):
+        lines += [f"**{run['stopped']}**", ""]
+    lines += [f"Versions: {versions}.", ""]
     by_model: dict[str, list] = {}
     for r in document["results"]:
         by_model.setdefault(r["model"], []).append(r)
@@ -174,7 +197,9 @@ def release_summary(document: dict[str, Any]) -> dict[str, Any]:
         elif r["status"] in (FAIL, ERROR):
             parity_failures.append({"model": r["model"], "stage": r["stage"], "check": r["check"],
                                     "message": r["message"]})
-    ready = bool(rows) and all(row["within_budget"] for row in rows) and not parity_failures
+    # Ready only after a whole run: a pair that never ran (interrupted) has no golden rows to fail.
+    ready = (bool(rows) and all(row["within_budget"] for row in rows) and not parity_failures
+             and overall(document) == "pass")
     models = {}
     for row in rows:
         model = models.setdefault(row["model"], {"changed_stages": [], "within_budget": True, "parity_failures": 0})
@@ -201,13 +226,13 @@ def render_release(summary: dict[str, Any]) -> str:
     table = [[r["model"], r["stage"], r["status"] if r["status"] == PASS else r["status"].upper(),
               {True: "yes", False: "no", None: ""}[r["changed"]], "yes" if r["within_budget"] else "NO",
               *(beside_threshold(r, r["threshold"], m) for m in ("max_abs_err", "top1", "greedy_match")),
-              r["message"][:200]]
+              table_cell(r["message"])]
              for r in summary["stages"]]
     lines += [tabulate(table, headers=["model", "stage", "golden", "changed", "within budget", "max_abs_err", "top1",
                                        "greedy_match", "detail"], tablefmt="github"), ""]
     if summary["parity_failures"]:
         lines += ["Parity failures (against HF, independent of the goldens):", ""]
-        lines += [f"- {f['model']} {f['stage']} {f['check']}: {f['message'][:200]}" for f in summary["parity_failures"]]
+        lines += [f"- {f['model']} {f['stage']} {f['check']}: {f['message']}" for f in summary["parity_failures"]]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -12,11 +12,11 @@ from typing import Callable
 
 from harness import child, report, stages
 from harness.config import RunConfig
-from harness.pairs import ModelPair, discover, select, unknown_model_message
+from harness.pairs import ModelPair, discover, scan, select, unknown_model_message
 from harness.paths import display_path, scrub
 from harness.pipeline import ExtraCheck, PairReport, RunOptions, planned_stages, verify_pair
 from harness.provenance import harness_commit
-from harness.records import ERROR, CheckResult, run_metadata
+from harness.records import COMPLETE, ERROR, INTERRUPTED, NOT_RUN, RUNNING, CheckResult, run_metadata
 
 Echo = Callable[[str], None]
 
@@ -55,22 +55,64 @@ def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
         return report_to_json(verify_pair(pair, options, progress))
 
 
+class PairInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a pair: what it finished, and a not-run record for the step it was in."""
+
+    def __init__(self, report: PairReport):
+        super().__init__(report.model)
+        self.report = report
+
+
+def _empty_report(model: str) -> dict:
+    return {"model": model, "results": [], "timings": {}, "notes": {}}
+
+
+def _current_stage(pair: ModelPair, options: RunOptions, done: PairReport) -> str:
+    """The first planned stage the pair had not reported; past the last one, its checks were running."""
+    finished = {r.stage for r in done.results}
+    planned = [spec.name for spec in planned_stages(pair, options)]
+    return next((st for st in planned if st not in finished), planned[-1])
+
+
+def _stopped_report(pair: ModelPair, options: RunOptions, done: PairReport) -> PairReport:
+    stage = _current_stage(pair, options, done)
+    return dataclasses.replace(done, results=done.results + [CheckResult(
+        pair.name, stage, stages.STAGE_RUN, NOT_RUN,
+        message=f"interrupted during {stage}: this stage and the ones after it did not run")])
+
+
 def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
-    """One pair in a child process; its progress lines are echoed live, a crash becomes an error record."""
+    """One pair in a child process; its progress lines are echoed live, a crash becomes an error record,
+    Ctrl-C a PairInterrupted holding what the child finished."""
     try:
         return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name},
                                           on_event=lambda event: echo(event["progress"])))
+    except child.Interrupted as stop:
+        raise PairInterrupted(_stopped_report(pair, options, report_from_json(
+            stop.partial["result"] if stop.partial else _empty_report(pair.name)))) from None
     except child.ChildFailed as e:
         failure = e
-    done = report_from_json(failure.partial or {"model": pair.name, "results": [], "timings": {}, "notes": {}})
-    finished = {r.stage for r in done.results}
-    planned = [spec.name for spec in planned_stages(pair, options)]
-    # The first planned stage it had not reported; past the last one, its checks were running.
-    stage = next((st for st in planned if st not in finished), planned[-1])
+    done = report_from_json(failure.partial or _empty_report(pair.name))
+    stage = _current_stage(pair, options, done)
     message = (f"the process verifying {pair.name} died with exit code {failure.code} during {stage}; last output: "
                + scrub(" | ".join(t for t in failure.tail if t.strip()))[-1500:])
     return dataclasses.replace(done, results=done.results + [
         CheckResult(pair.name, stage, stages.STAGE_RUN, ERROR, message=message)])
+
+
+def run_in_process(pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
+    """One pair in this process (--in-process); Ctrl-C keeps the stages it finished, as in a child."""
+    done = PairReport(pair.name, [], {}, {})
+
+    def progress(model, stage, seconds, produced):
+        echo(format_progress(model, stage, seconds, produced))
+        done.results.extend(produced)
+        done.timings[stage] = seconds
+
+    try:
+        return verify_pair(pair, options, progress)
+    except KeyboardInterrupt:
+        raise PairInterrupted(_stopped_report(pair, options, done)) from None
 
 
 def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
@@ -78,33 +120,51 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     """Every selected pair in turn; the reports are rewritten atomically after each one. Names that match no
     pair get an error record and the others still run. `options` replaces what the configuration would
     open; `extra_pairs` join the discovered ones (pairs made in memory run in-process only)."""
-    known = {**discover(tuple(Path(d) for d in config.models_dirs)), **(extra_pairs or {})}
+    found, broken = scan(tuple(Path(d) for d in config.models_dirs))
+    known = {**found, **(extra_pairs or {})}
     # Isolated pairs run their checks in their children: the parent never imports torch for them.
     options = options or RunOptions.open(config, () if config.isolate else verify_checks(config))
-    options.gates.require_models(known)
-    pairs, unknown = select(known, list(config.models) if config.models else None, config.suite)
+    options.gates.require_models([*known, *broken])
+    pairs, unknown = select(known, list(config.models) if config.models else None, config.suite, broken)
     out = Path(config.out or "reports/latest")
     run = run_metadata(gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
                        models=[p.name for p in pairs] + unknown,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
                        harness=harness_commit())
-    results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known))
+    results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known, broken))
                for name in unknown]
     models: dict = {}
 
-    def progress(model: str, stage: str, seconds: float, produced: list[CheckResult]) -> None:
-        echo(format_progress(model, stage, seconds, produced))
+    def document_with(pending: list[ModelPair], status: str) -> dict:
+        """The reports as they stand: every pair not yet run has a not-run record, so no partial report reads PASS."""
+        waiting = [CheckResult(p.name, stages.HF, stages.STAGE_RUN, NOT_RUN,
+                               message="not run: the run " + ("stopped before this pair" if status == INTERRUPTED
+                                                              else "has not reached this pair yet"))
+                   for p in pending]
+        return report.parity_document({**run, "status": status}, results + waiting, models)
 
-    document = report.parity_document(run, results, models)
+    def finish(pair: ModelPair, rep: PairReport) -> None:
+        results.extend(rep.results)
+        models[pair.name] = {"description": pair.description, "features": list(pair.features),
+                             "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
+                             "timings": rep.timings, "notes": rep.notes}
+
+    report.write_reports(out, document_with(pairs, RUNNING))
     with options.cache:  # a private cache (--no-cache) is removed with the run
-        for pair in pairs:
-            rep = run_isolated(config, pair, options, echo) if config.isolate else verify_pair(pair, options, progress)
-            results.extend(rep.results)
-            models[pair.name] = {"description": pair.description, "features": list(pair.features),
-                                 "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
-                                 "timings": rep.timings, "notes": rep.notes}
-            document = report.parity_document(run, results, models)
-            report.write_reports(out, document)
+        for index, pair in enumerate(pairs):
+            try:
+                rep = (run_isolated(config, pair, options, echo) if config.isolate
+                       else run_in_process(pair, options, echo))
+            except PairInterrupted as stop:
+                finish(pair, stop.report)
+                document = document_with(pairs[index + 1:], INTERRUPTED)
+                document["run"]["stopped"] = (f"Interrupted (Ctrl-C) during {pair.name}: the stages and pairs that "
+                                              "finished are kept; the rest did not run.")
+                report.write_reports(out, document)
+                return document
+            finish(pair, rep)
+            report.write_reports(out, document_with(pairs[index + 1:], RUNNING))
+    document = document_with([], COMPLETE)
     report.write_reports(out, document)
     return document
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.pairs import ModelPair, describe, discover, fingerprint, resolve
+from harness.pairs import ModelPair, describe, discover, fingerprint, resolve, scan, select
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_llama.py"
 
@@ -17,14 +17,24 @@ def test_every_pair_file_declares_one_pair_under_its_own_name():
     assert all(isinstance(p, ModelPair) and name == p.name for name, p in pairs.items())
 
 
+def test_a_folder_of_pair_files_is_checked(tmp_path):
+    (tmp_path / "extra.py").write_text(TINY.read_text())
+    with pytest.raises(HarnessError, match="two model files declare the pair name 'tiny_llama'"):
+        discover((tmp_path,))
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("X = 1\n", "defines no PAIR = ModelPair(...)"),
-    (TINY.read_text(), "two model files declare the pair name 'tiny_llama'"),
+    ("def broken(:\n", "SyntaxError"),
+    ("import no_such_module_here\n", "ModuleNotFoundError"),
 ])
-def test_a_folder_of_pair_files_is_checked(tmp_path, text, fragment):
+def test_a_broken_pair_file_is_reported_and_hides_no_other(tmp_path, text, fragment):
     (tmp_path / "extra.py").write_text(text)
-    with pytest.raises(HarnessError, match=fragment):
-        discover((tmp_path,))
+    pairs, broken = scan((tmp_path,))
+    assert "tiny_llama" in pairs and set(broken) == {"extra"}
+    assert fragment in broken["extra"].message() and str(tmp_path / "extra.py") in broken["extra"].message()
+    assert select(pairs, ["extra", "tiny_llama"], broken=broken) == ([pairs["tiny_llama"]], ["extra"])
+    assert "extra" in select(pairs, None, broken=broken)[1]  # a suite run cannot tell it was not meant to be in it
 
 
 def test_litert_torch_is_named_in_pair_files_and_imported_when_needed():

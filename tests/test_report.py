@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 from harness import report
 from harness.records import FAIL, PASS, CheckResult, run_metadata
@@ -32,11 +34,32 @@ def test_summary_shows_threshold_beside_value_and_verdict():
 
 
 def test_verdict_ignores_skips_bounded_expected_failures_and_informational_records():
-    doc = {"results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}, {"status": "info"}]}
+    doc = {"run": {"status": "complete"},
+           "results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}, {"status": "info"}]}
     assert report.overall(doc) == "pass"
     assert report.counts(doc["results"]) == "1 pass, 1 skip, 1 xfail, 1 info"  # info is never counted as a pass
     doc["results"].append({"status": "error"})
     assert report.overall(doc) == "fail"
+
+
+def test_a_message_stays_one_whole_cell():
+    """A `|` in a message must not split the Markdown row, and the numbers at a long message's end are kept."""
+    long = "worst at prompt 1 position 12 token 37: " + "x" * 200 + " (|diff| 0.0822 > 0.05)"
+    doc = report.parity_document(run_metadata(status="complete"), [CheckResult("m", "tflite_dynamic_int8", "golden", "fail", message=long)], {})
+    row = next(line for line in report.render_summary(doc).splitlines() if line.startswith("| tflite_dynamic_int8"))
+    assert row.endswith("(\\|diff\\| 0.0822 > 0.05) |")
+    cells = [c for c in row.replace("\\|", "").split("|")]
+    header = next(line for line in report.render_summary(doc).splitlines() if line.startswith("| stage"))
+    assert len(cells) == len(header.split("|"))
+
+
+def test_reports_get_the_permissions_of_any_file_the_user_makes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        report.write_atomic(tmp_path / "summary.md", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.md").stat().st_mode) == 0o644
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):
