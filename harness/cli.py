@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=EXIT_CODES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (cfg.models_group, cfg.gates_group, cfg.cache_group, cfg.quant_group, cfg.threads_group,
-                  cfg.stages_group, cfg.golden_group, cfg.output_group, cfg.isolation_group):
+                  cfg.stages_group, cfg.golden_group, cfg.output_group, cfg.isolation_group, cfg.selection_group):
         group(verify)
+    verify.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML: one test case per "
+                                                                      "model x stage x check")
 
     lst = sub.add_parser("list", help="model pairs, stages and quant recipes known")
     lst.add_argument("--models-dir", dest="models_dirs", action="append", default=None)
@@ -64,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.golden_group(update, release=False)
     update.add_argument("--force", action="store_true", help="record stages that fail parity (needs --reason)")
     update.add_argument("--reason", default=None, help="why a failing stage is the new reference (stored)")
+
+    affected = sub.add_parser("affected", help="the pairs a change since a git ref touches, each with why",
+                              description="The pairs whose file, golden or gates changed since the merge base "
+                                          "with --base (uncommitted changes included); a change to harness/, "
+                                          "pyproject.toml, noxfile.py or the default gates touches every pair, "
+                                          "tests and docs none.")
+    affected.add_argument("--base", required=True, metavar="REF", help="git ref the change is measured from, "
+                                                                       "e.g. origin/main")
+    affected.add_argument("--json", action="store_true", help="print {base, pairs, reasons} as JSON (for CI)")
+    affected.add_argument("--models-dir", dest="models_dirs", action="append", default=None)
+
+    rep = sub.add_parser("report", help="reports: `report merge` joins the reports of shards")
+    rep_sub = rep.add_subparsers(dest="report_command", required=True)
+    merge = rep_sub.add_parser("merge", help="merge the --out directories of `verify --shard` runs into one report")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="a shard's report directory (holds parity.json)")
+    merge.add_argument("--out", required=True, help="directory of the merged parity.json and summary.md")
+    merge.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML")
+    merge.add_argument("--models-dir", dest="models_dirs", action="append", default=None)
 
     bench = sub.add_parser("bench", help="XNNPack performance of the converted artifacts; gate against a baseline")
     for group in (cfg.models_group, cfg.gates_group, cfg.cache_group, cfg.quant_group):
@@ -139,6 +159,10 @@ def cmd_verify(args) -> int:
     print(report.render_summary(document, fmt="simple"))
     if release:
         print(release.read_text())
+    if args.junit:
+        from harness import junit
+
+        report.write_report(Path(args.junit), junit.render_junit(document))
     for name in unknown:  # said before the run too, where it may have scrolled away
         print(f"error: {name!r} did not run: unknown, or its pair file is broken (see `harness list`); "
               "the others ran", file=sys.stderr)
@@ -234,7 +258,47 @@ def cmd_bench(args) -> int:
     return EXIT_GATE_FAILED if document["verdict"] == "fail" else EXIT_PASS
 
 
-COMMANDS = {"verify": cmd_verify, "bench": cmd_bench, "list": cmd_list, "golden": cmd_golden}
+def _all_names(models_dirs) -> list[str]:
+    """Every pair name, broken files' included, in the registry's order (the order a run selects them in)."""
+    from harness.pairs import scan
+
+    known, broken = scan(tuple(Path(d) for d in models_dirs or ()))
+    return [*known, *(n for n in broken if n not in known)]
+
+
+def cmd_affected(args) -> int:
+    import json
+
+    from harness.affected import affected
+
+    touched = affected(args.base, _all_names(args.models_dirs))
+    if args.json:
+        print(json.dumps({"base": args.base, "pairs": list(touched), "reasons": touched}))
+        return EXIT_PASS
+    for name, reasons in touched.items():
+        print(f"{name}: {'; '.join(reasons)}")
+    if not touched:
+        print(f"no pair is touched by the change since {args.base}")
+    return EXIT_PASS
+
+
+def cmd_report(args) -> int:
+    """`report merge`: the shards' documents as one, written as verify writes its reports."""
+    from harness import junit, report, shards
+
+    out = Path(args.out)
+    cfg.check_writable(out)
+    document = shards.merge([shards.read_document(Path(d)) for d in args.dirs], _all_names(args.models_dirs))
+    report.write_reports(out, document)
+    if args.junit:
+        report.write_report(Path(args.junit), junit.render_junit(document))
+    print(report.render_summary(document, fmt="simple"))
+    print(f"reports: {out / report.PARITY_JSON}, {out / report.SUMMARY_MD}" + (f", {args.junit}" if args.junit else ""))
+    verdict = report.overall(document)
+    return EXIT_PASS if verdict == "pass" else EXIT_INTERRUPTED if verdict == "interrupted" else EXIT_GATE_FAILED
+
+
+COMMANDS = {"verify": cmd_verify, "affected": cmd_affected, "report": cmd_report, "bench": cmd_bench, "list": cmd_list, "golden": cmd_golden}
 
 
 def _quiet_libraries(verbose: bool) -> None:

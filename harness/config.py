@@ -56,6 +56,8 @@ class RunConfig:
     against: str | None = dataclasses.field(default=None, **_help("'golden': the release gate"))
     out: str | None = dataclasses.field(default=None, **_help("report directory"))
     isolate: bool = dataclasses.field(default=True, **_help("one child process per pair"))
+    changed_since: str | None = dataclasses.field(default=None, **_help("git ref: only the pairs changed since"))
+    shard: str | None = dataclasses.field(default=None, **_help("'I/N': this run's share of the pairs"))
 
     @property
     def num_threads(self) -> int:
@@ -86,8 +88,12 @@ class RunConfig:
         for directory in self.models_dirs:
             if not Path(directory).is_dir():
                 raise HarnessError(f"models directory {directory} does not exist; pass a folder of pair files")
+        if self.shard is not None:
+            from harness.shards import parse_shard
+
+            parse_shard(self.shard)
         if self.out is not None:
-            _check_writable(Path(self.out))
+            check_writable(Path(self.out))
         return self
 
     def to_json(self) -> str:
@@ -113,7 +119,7 @@ class RunConfig:
         return cls(**given).validate(command)
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(out: Path) -> None:
     """Tries a write where the reports will go (its nearest existing folder): permission bits do not tell
     (root passes them; a read-only file system or /sys does not)."""
     import tempfile
@@ -201,3 +207,10 @@ def output_group(parser: argparse.ArgumentParser, default: str | None = "reports
 
 def isolation_group(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true", help="run pairs in this process, not one child each (for debugging; a crash then stops the run)")
+
+
+def selection_group(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--changed-since", default=None, metavar="REF",
+                        help="run only the pairs the change since git REF touches (see `harness affected`)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run shard I of N: a deterministic share of the pairs, balanced by measured cost")

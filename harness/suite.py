@@ -7,6 +7,7 @@ atomically after every pair). Each pair's child receives the same RunConfig as J
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -126,11 +127,15 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     options = options or RunOptions.open(config, () if config.isolate else verify_checks(config))
     options.gates.require_models([*known, *broken])
     pairs, unknown = select(known, list(config.models) if config.models else None, config.suite, broken)
+    pairs, narrowed = narrow(config, pairs)
+    for line in narrowed.get("said", []):
+        echo(line)
     out = Path(config.out or "reports/latest")
     run = run_metadata(gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
                        models=[p.name for p in pairs] + unknown,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
-                       harness=harness_commit())
+                       harness=harness_commit(), gates_sha256=file_digest(config.gates),
+                       **{k: v for k, v in narrowed.items() if k != "said"})
     results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known, broken))
                for name in unknown]
     models: dict = {}
@@ -167,6 +172,38 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     document = document_with([], COMPLETE)
     report.write_reports(out, document)
     return document
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 of a file (the gates): shards merge only when they were judged by the same one."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def narrow(config: RunConfig, pairs: list[ModelPair]) -> tuple[list[ModelPair], dict]:
+    """--changed-since and --shard: the pairs this run keeps, and what its metadata says about the others
+    ("said": the lines to print before the run)."""
+    note: dict = {"said": []}
+    if config.changed_since:
+        from harness.affected import affected, describe_skipped
+
+        touched = affected(config.changed_since, [p.name for p in pairs])
+        skipped = [p.name for p in pairs if p.name not in touched]
+        note["changed_since"] = {"base": config.changed_since, "affected": touched, "skipped": skipped}
+        note["said"] += [f"{name}: runs, touched by {'; '.join(why)}" for name, why in touched.items()]
+        note["said"].append(describe_skipped(config.changed_since, skipped))
+        pairs = [p for p in pairs if p.name in touched]
+    if config.shard:
+        from harness.shards import assign, pair_costs, parse_shard
+
+        index, count = parse_shard(config.shard)
+        share = assign([p.name for p in pairs], count, pair_costs())[index - 1]
+        note["shard"] = config.shard
+        note["said"].append(f"shard {config.shard}: {', '.join(share) or 'no pair'} of {len(pairs)} selected")
+        pairs = [p for p in pairs if p.name in share]
+    return pairs, note
 
 
 def format_progress(model: str, stage: str, seconds: float, produced: list[CheckResult]) -> str:
