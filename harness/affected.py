@@ -85,6 +85,10 @@ def gates_changes(base: str, root: Path = PROJECT_ROOT) -> dict[str, str]:
 def reasons_by_pair(files: list[str], gates: dict[str, str], root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
     """Why each pair is touched, by pair name ({ALL: reasons} for changes that touch every pair)."""
     reasons: dict[str, list[str]] = {}
+    code = [p for p in files if Path(p).parts[0] == "harness" and p != GATES_FILE]
+    if code:
+        shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
+        reasons[ALL] = [f"harness code ({shown})"]
 
     def add(pair: str, reason: str) -> None:
         reasons.setdefault(pair, []).append(reason)
@@ -95,7 +99,7 @@ def reasons_by_pair(files: list[str], gates: dict[str, str], root: Path = PROJEC
             for pair, reason in gates.items():
                 add(pair, reason)
         elif parts[0] == "harness":
-            add(ALL, f"harness code ({path})")
+            continue  # said once above
         elif path in EVERY_PAIR_FILES:
             add(ALL, EVERY_PAIR_FILES[path])
         elif parts[0] == "models" and len(parts) == 2 and path.endswith(".py"):

@@ -201,6 +201,7 @@ def narrow(config: RunConfig, pairs: list[ModelPair]) -> tuple[list[ModelPair], 
         index, count = parse_shard(config.shard)
         share = assign([p.name for p in pairs], count, pair_costs())[index - 1]
         note["shard"] = config.shard
+        note["shard_of"] = [p.name for p in pairs]  # the selection split, in its order: what merge restores
         note["said"].append(f"shard {config.shard}: {', '.join(share) or 'no pair'} of {len(pairs)} selected")
         pairs = [p for p in pairs if p.name in share]
     return pairs, note
