@@ -1,4 +1,5 @@
-"""One writer serialises records to parity.json; summary.md, release.md and the console are rendered from that JSON.
+"""One writer serialises records to parity.json; summary.md (harness.summary), release.md, JUnit (harness.junit)
+and the console are rendered from that JSON.
 
 Every report file of `harness verify` is written here, so each is a view of the same document: the
 release gate's section is computed from the records and added to parity.json before release.md is
@@ -16,17 +17,15 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.paths import scrub
-from harness.records import COMPLETE, ERROR, FAIL, INFO, INTERRUPTED, NOT_RUN, PASS, SKIP, XFAIL
+from harness.records import ERROR, FAIL, PASS, XFAIL
 from harness.stages import GOLDEN
+from harness.summary import beside_threshold, overall, render_summary, table_cell
 
 SCHEMA_VERSION = 1
 PARITY_JSON = "parity.json"
 SUMMARY_MD = "summary.md"
 RELEASE_MD = "release.md"
 
-# The metrics worth a column; the JSON keeps them all.
-HEADLINE_METRICS = ("max_abs_err", "min_cosine", "top1", "match", "ppl", "ppl_ratio_vs_hf", "mean_kl", "p99_kl", "max_kl",
-                    "entropy_ratio", "unused_tensors", "unloaded_params")
 
 
 def write_report(path: Path, text: str) -> None:
@@ -68,104 +67,6 @@ def write_parity(out_dir: Path, document: dict[str, Any]) -> Path:
     path = Path(out_dir) / PARITY_JSON
     write_report(path, json.dumps(document, indent=1, sort_keys=False, default=str) + "\n")
     return path
-
-
-def overall(document: dict[str, Any]) -> str:
-    """The run's verdict: interrupted (stopped by the user), fail (a record failed or errored), incomplete
-    (something asked for has not run: never a pass), else pass. Skips, bounded expected failures and
-    informational records do not fail a gate (nor count as passes)."""
-    statuses = {r["status"] for r in document["results"]}
-    run_status = document["run"].get("status", COMPLETE)
-    if run_status == INTERRUPTED:
-        return "interrupted"
-    if statuses & {FAIL, ERROR}:
-        return "fail"
-    return "incomplete" if NOT_RUN in statuses or run_status != COMPLETE else "pass"
-
-
-def table_cell(text: str, fmt: str = "github") -> str:
-    """A message as one table cell: a newline would end the row, and in Markdown a `|` the cell."""
-    cell = " ".join(str(text).split())
-    return cell.replace("|", "\\|") if fmt == "github" else cell
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def beside_threshold(values: dict[str, Any], threshold: dict[str, Any], metric: str) -> str:
-    """A measured value with the threshold it is held to beside it, as every table shows it; empty when
-    the metric was not measured."""
-    if metric not in values:
-        return ""
-    limit = threshold.get(f"max_{metric}", threshold.get(f"min_{metric}"))
-    op = "≤" if f"max_{metric}" in threshold else "≥"
-    return _fmt(values[metric]) + (f" ({op}{_fmt(limit)})" if limit is not None else "")
-
-
-def model_table(results: list[dict[str, Any]], fmt: str = "github") -> str:
-    """One row per stage x check, the threshold beside each measured value."""
-    metrics = [m for m in HEADLINE_METRICS if any(m in r["metrics"] for r in results)]
-    rows = []
-    for r in results:
-        rows.append([r["stage"], r["check"], r["status"].upper() if r["status"] != PASS else "pass"]
-                    + [beside_threshold(r["metrics"], r["threshold"], m) for m in metrics]
-                    + [table_cell(r["message"], fmt)])  # whole: the numbers that explain a failure come last
-    return tabulate(rows, headers=["stage", "check", "status", *metrics, "message"], tablefmt=fmt)
-
-
-def counts(results: list[dict[str, Any]]) -> str:
-    parts = []
-    for status in (PASS, FAIL, ERROR, NOT_RUN, SKIP, XFAIL, INFO):
-        n = sum(r["status"] == status for r in results)
-        if n:
-            parts.append(f"{n} {status}")
-    return ", ".join(parts)
-
-
-def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
-    """Markdown readable in a PR comment: a verdict line, then a table per model."""
-    run = document["run"]
-    versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
-    lines = [f"# edge-parity: {overall(document).upper()}", "",
-             f"{counts(document['results'])}. Gates: `{run.get('gates', '')}`.", ""]
-    if run.get("stopped"):
-        lines += [f"**{run['stopped']}**", ""]
-    lines += [f"Versions: {versions}.", ""]
-    by_model: dict[str, list] = {}
-    for r in document["results"]:
-        by_model.setdefault(r["model"], []).append(r)
-    for model, results in by_model.items():
-        info = document["models"].get(model, {})
-        timings = info.get("timings", {})
-        lines += [f"## {model}: {'FAIL' if {r['status'] for r in results} & {FAIL, ERROR} else 'pass'}", ""]
-        if info.get("description"):
-            lines += [info["description"], ""]
-        lines += [model_table(results, fmt), ""]
-        for defect in info.get("expected_failures", []):
-            band = ", ".join(f"{m} in [{lo:.3g}, {hi:.3g}]" for m, (lo, hi) in defect["band"].items())
-            lines += [f"Declared upstream defect {defect['name']} at {defect['stage']} {defect['check']} "
-                      f"(excused only within {band}): {defect['reason']}", ""]
-            if defect.get("reproduction"):
-                lines += ["Minimal reproduction:", "", "```python", defect["reproduction"].strip(), "```", ""]
-        if timings:
-            lines += ["Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
-        for key, value in info.get("notes", {}).items():
-            if key == "artifacts":  # sha256 prefixes: enough to tell two runs' artifacts apart
-                value = ", ".join(f"{name} {_short_digest(entry['sha256'])}" for name, entry in value.items())
-            elif isinstance(value, dict):
-                value = ", ".join(f"{k} {v}" for k, v in value.items())
-            lines.append(f"- {key}: {value}")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _short_digest(digest) -> str:
-    if isinstance(digest, dict):  # every file of an entry (a checkpoint): its weights
-        digest = next((d for name, d in digest.items() if name.endswith(".safetensors")), None)
-    return (digest or "?")[:12]
 
 
 def write_reports(out_dir: Path, document: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@ import json
 import os
 import stat
 
-from harness import report
+from harness import report, summary
 from harness.records import FAIL, PASS, CheckResult, run_metadata
 from harness.stages import GOLDEN
 
@@ -37,7 +37,7 @@ def test_verdict_ignores_skips_bounded_expected_failures_and_informational_recor
     doc = {"run": {"status": "complete"},
            "results": [{"status": "pass"}, {"status": "skip"}, {"status": "xfail"}, {"status": "info"}]}
     assert report.overall(doc) == "pass"
-    assert report.counts(doc["results"]) == "1 pass, 1 skip, 1 xfail, 1 info"  # info is never counted as a pass
+    assert summary.counts(doc["results"]) == "1 pass, 1 skip, 1 xfail, 1 info"  # info is never counted as a pass
     doc["results"].append({"status": "error"})
     assert report.overall(doc) == "fail"
 
