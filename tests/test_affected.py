@@ -108,3 +108,20 @@ def test_the_command_prints_each_pair_with_its_reason(capsys):
     assert out["base"] == "HEAD" and list(out["reasons"]) == out["pairs"]
     assert cli.main(["affected", "--base", "no-such-ref"]) == 2
     assert "no-such-ref" in capsys.readouterr().err
+
+
+def test_changed_since_runs_the_touched_pairs_then_shards_them_and_records_the_rest(monkeypatch):
+    from harness import affected as affected_module
+    from harness.config import RunConfig
+    from harness.pairs import discover
+    from harness.suite import narrow
+
+    pairs = [p for p in discover().values() if "default" in p.suites]
+    monkeypatch.setattr(affected_module, "affected",
+                        lambda base, known: {n: [f"its golden (golden/{n}.json)"] for n in known if n in ("phi2", "qwen3")})
+    kept, note = narrow(RunConfig(changed_since="origin/main", shard="2/2"), pairs)
+    assert note["changed_since"]["skipped"] == [p.name for p in pairs if p.name not in ("phi2", "qwen3")]
+    assert list(note["changed_since"]["affected"]) == ["phi2", "qwen3"]
+    assert note["shard"] == "2/2" and note["shard_of"] == ["phi2", "qwen3"]
+    assert [p.name for p in kept] == ["phi2"]  # qwen3 (32.7 s) leads shard 1, phi2 (24.9 s) takes shard 2
+    assert any("skipped 8 pair(s)" in line for line in note["said"])
