@@ -166,7 +166,7 @@ def cmd_verify(args) -> int:
     for name in unknown:  # said before the run too, where it may have scrolled away
         print(f"error: {name!r} did not run: unknown, or its pair file is broken (see `harness list`); "
               "the others ran", file=sys.stderr)
-    print(f"reports: {out / report.PARITY_JSON}, {out / report.SUMMARY_MD}"
+    print(f"reports: {out / report.PARITY_JSON}, {out / report.SUMMARY_MD}, {out / 'report.html'}"
           + (f", {release}" if release else "") + f" ({time.perf_counter() - start:.0f}s)")
     verdict = report.overall(document)
     if verdict == "interrupted":
@@ -289,7 +289,7 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     cfg.check_writable(out)
     document = shards.merge([shards.read_document(Path(d)) for d in args.dirs], _all_names(args.models_dirs))
-    report.write_reports(out, document)
+    report.write_reports(out, document, final=True)
     if args.junit:
         report.write_report(Path(args.junit), junit.render_junit(document))
     print(report.render_summary(document, fmt="simple"))

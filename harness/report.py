@@ -69,10 +69,15 @@ def write_parity(out_dir: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def write_reports(out_dir: Path, document: dict[str, Any]) -> None:
-    """parity.json, then summary.md rendered from the same document."""
+def write_reports(out_dir: Path, document: dict[str, Any], final: bool = False) -> None:
+    """parity.json, then summary.md rendered from the same document; when the run is over (`final`),
+    report.html too (its plots take a second or two: not worth redrawing after every pair)."""
     write_parity(out_dir, document)
     write_summary(out_dir, document)
+    if final:
+        from harness.html_report import REPORT_HTML, render_html
+
+        write_report(Path(out_dir) / REPORT_HTML, render_html(document))
 
 
 def write_summary(out_dir: Path, document: dict[str, Any]) -> Path:

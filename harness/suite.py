@@ -165,12 +165,12 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                 document = document_with(pairs[index + 1:], INTERRUPTED)
                 document["run"]["stopped"] = (f"Interrupted (Ctrl-C) during {pair.name}: the stages and pairs that "
                                               "finished are kept; the rest did not run.")
-                report.write_reports(out, document)
+                report.write_reports(out, document, final=True)
                 return document
             finish(pair, rep)
             report.write_reports(out, document_with(pairs[index + 1:], RUNNING))
     document = document_with([], COMPLETE)
-    report.write_reports(out, document)
+    report.write_reports(out, document, final=True)
     return document
 
 

@@ -69,7 +69,7 @@ def beside_threshold(values: dict[str, Any], threshold: dict[str, Any], metric: 
     return _fmt(values[metric]) + (f" ({op}{_fmt(limit)})" if limit is not None else "")
 
 
-def _closeness(value: Any, threshold: dict[str, Any], metric: str) -> float:
+def closeness(value: Any, threshold: dict[str, Any], metric: str) -> float:
     """How near a value is to its gate: 1 at the gate, above 1 past it. A floor at or below 1 on a metric
     that tops out at 1 (cosine, top-1, overlap) is measured on the cost 1 - value, so 0.9999999 against
     0.999999 is far from its gate. A value exactly at an exact gate (0 stray slots, top-1 of 1.0) ranks
@@ -96,7 +96,7 @@ def worst_metric(record: dict[str, Any]) -> str | None:
     gated = [m for m in record["metrics"] if f"max_{m}" in record["threshold"] or f"min_{m}" in record["threshold"]]
     if not gated:
         return None
-    return max(gated, key=lambda m: (_closeness(record["metrics"][m], record["threshold"], m), m))
+    return max(gated, key=lambda m: (closeness(record["metrics"][m], record["threshold"], m), m))
 
 
 def matrix_cell(records: list[dict[str, Any]], fmt: str = "github") -> str:
@@ -105,7 +105,7 @@ def matrix_cell(records: list[dict[str, Any]], fmt: str = "github") -> str:
         return ""
     worst = min(SEVERITY[r["status"]] for r in records)
     chosen = [r for r in records if SEVERITY[r["status"]] == worst]
-    record = max(chosen, key=lambda r: max((_closeness(r["metrics"][m], r["threshold"], m)
+    record = max(chosen, key=lambda r: max((closeness(r["metrics"][m], r["threshold"], m)
                                             for m in [worst_metric(r)] if m), default=-2.0))
     status = record["status"]
     label = {FAIL: "FAIL", ERROR: "ERROR"}.get(status, status.replace("_", " "))
@@ -156,15 +156,19 @@ def failure_lines(record: dict[str, Any], fmt: str = "github") -> list[str]:
             f"{table_cell(record['message'], 'plain') or 'no message'}"]
 
 
+def shown_metrics(record: dict[str, Any]) -> list[str]:
+    """The gated metrics of a record, then the headline ones it measured without a gate."""
+    gated = [m for m in record["metrics"] if f"max_{m}" in record["threshold"] or f"min_{m}" in record["threshold"]]
+    return gated + [m for m in HEADLINE_METRICS if m in record["metrics"] and m not in gated]
+
+
 def model_table(results: list[dict[str, Any]], fmt: str = "github") -> str:
     """One row per stage x check: every gated value with its threshold beside it, and the message whole."""
     headers = ["stage", "check", "status", "measured (gate)", "message"]
     rows = []
     for r in results:
-        shown = [m for m in r["metrics"] if f"max_{m}" in r["threshold"] or f"min_{m}" in r["threshold"]]
-        shown += [m for m in HEADLINE_METRICS if m in r["metrics"] and m not in shown]
         rows.append([r["stage"], r["check"], r["status"].upper() if r["status"] != PASS else "pass",
-                     ", ".join(f"{m} {beside_threshold(r['metrics'], r['threshold'], m)}" for m in shown),
+                     ", ".join(f"{m} {beside_threshold(r['metrics'], r['threshold'], m)}" for m in shown_metrics(r)),
                      r["message"]])
     if fmt != "github":
         return tabulate([[table_cell(c, fmt) for c in row] for row in rows], headers=headers, tablefmt=fmt)

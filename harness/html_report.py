@@ -1,0 +1,101 @@
+"""report.html: one self-contained page rendered from parity.json (no network at view time, no script).
+
+The matrix as summary.md has it, then a section per pair: a plot of every gated check's distance to its
+gate (1 is the gate; a bar past it failed), so where along the stages a pair starts to drift is visible at
+a glance, and the pair's full table. Plots are PNGs embedded as data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+from harness import summary
+from harness.records import ERROR, FAIL, NOT_RUN, PASS, XFAIL
+
+REPORT_HTML = "report.html"
+COLOURS = {PASS: "#3a7d44", FAIL: "#c0392b", ERROR: "#8e44ad", XFAIL: "#d68910", NOT_RUN: "#7f8c8d"}
+STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f4f4f4}.fail,.error{background:#fde2e0;font-weight:bold}.xfail{background:#fdf2dc}
+.not_run,.skip{background:#eee}h1.fail{color:#c0392b;background:none}h1.pass{color:#3a7d44}
+img{max-width:100%}section{border-top:2px solid #ddd;margin-top:2em}"""
+
+
+def gate_distances(records: list[dict[str, Any]]) -> list[tuple[str, float, str]]:
+    """(stage.check, distance to the gate of its nearest metric, status) for every gated record."""
+    out = []
+    for r in records:
+        metric = summary.worst_metric(r)
+        if metric is not None:
+            out.append((f"{r['stage']}.{r['check']}", summary.closeness(r["metrics"][metric], r["threshold"], metric),
+                        r["status"]))
+    return out
+
+
+def plot_distances(model: str, records: list[dict[str, Any]]) -> str | None:
+    """A PNG (base64) of each check's distance to its gate, on a log scale, the gate drawn at 1."""
+    rows = [(name, d, status) for name, d, status in gate_distances(records) if d > 0]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
+    shown = [min(max(d, 1e-9), 1e3) for _, d, _ in rows]  # a failure past any scale is drawn at the edge
+    ax.barh(range(len(rows)), shown, color=[COLOURS.get(s, "#555") for _, _, s in rows])
+    ax.axvline(1.0, color="#c0392b", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="measured / gate (nearest metric; 1 = at the gate)", title=f"{model}: distance to each gate")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(f"<tr class=\"{(classes or [''] * len(rows))[i]}\">"
+                   + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for i, row in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(document: dict[str, Any]) -> str:
+    verdict = summary.overall(document)
+    groups = summary.by_pair(document)
+    columns = summary.stage_columns(document["results"])
+    matrix_rows, matrix_classes = [], []
+    for model, records in groups.items():
+        matrix_rows.append([model] + [summary.matrix_cell([r for r in records if r["stage"] == s], "plain")
+                                      for s in columns])
+        matrix_classes.append(summary.pair_status(records))
+    parts = [f"<h1 class=\"{verdict}\">edge-parity: {verdict.upper()}</h1>",
+             f"<p>{html.escape(summary.counts(document['results']))}</p>"]
+    parts += [f"<p>{html.escape(line)}</p>" for line in summary.run_lines(document) if line]
+    parts.append(_table(["pair", *columns], matrix_rows, matrix_classes))
+    failures = [r for r in document["results"] if r["status"] in (FAIL, ERROR)]
+    if failures:
+        parts.append("<h2>Failures</h2><ul>" + "".join(
+            f"<li><b>{html.escape(r['model'])}</b> {r['stage']} {r['check']}: {html.escape(r['message'])}</li>"
+            for r in failures) + "</ul>")
+    for model, records in groups.items():
+        info = document["models"].get(model, {})
+        parts.append(f"<section id=\"{html.escape(model)}\"><h2>{html.escape(model)}: "
+                     f"{summary.pair_status(records).upper()}</h2><p>{html.escape(info.get('description', ''))}</p>")
+        png = plot_distances(model, records)
+        if png:
+            parts.append(f"<img alt=\"{html.escape(model)}: distance to each gate\" src=\"data:image/png;base64,{png}\">")
+        rows = [[r["stage"], r["check"], r["status"], ", ".join(
+            f"{m} {summary.beside_threshold(r['metrics'], r['threshold'], m)}" for m in summary.shown_metrics(r)),
+            r["message"]] for r in records]
+        parts.append(_table(["stage", "check", "status", "measured (gate)", "message"], rows,
+                            [r["status"] for r in records]) + "</section>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edge-parity: "
+            f"{verdict.upper()}</title><style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
