@@ -1,4 +1,4 @@
-"""report.html: one self-contained page rendered from parity.json (no network at view time, no script).
+"""report.html: one self-contained page rendered from parity.json and perf.json (no network at view time, no script).
 
 The matrix as summary.md has it, then a section per pair: a plot of every gated check's distance to its
 gate (1 is the gate; a bar past it failed), so where along the stages a pair starts to drift is visible at
@@ -67,7 +67,20 @@ def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None 
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(document: dict[str, Any]) -> str:
+def perf_section(perf: dict[str, Any]) -> str:
+    """perf.json of `harness bench` (when it wrote to the same directory): its table and its plot."""
+    from harness.bench.report import measurement_table, plot_perf
+
+    buffer = io.BytesIO()
+    plot_perf(perf, buffer)
+    png = base64.b64encode(buffer.getvalue()).decode()
+    return (f"<section id=\"perf\"><h2>Performance (XNNPack): {html.escape(str(perf.get('verdict', '')))}</h2>"
+            + measurement_table(perf, fmt="html")
+            + f"<img alt=\"prefill latency and decode throughput\" src=\"data:image/png;base64,{png}\"></section>")
+
+
+def render_html(document: dict[str, Any], perf: dict[str, Any] | None = None) -> str:
+    """The page; `perf` (perf.json) adds the performance figures."""
     verdict = summary.overall(document)
     groups = summary.by_pair(document)
     columns = summary.stage_columns(document["results"])
@@ -97,5 +110,7 @@ def render_html(document: dict[str, Any]) -> str:
             r["message"]] for r in records]
         parts.append(_table(["stage", "check", "status", "measured (gate)", "message"], rows,
                             [r["status"] for r in records]) + "</section>")
+    if perf and perf.get("measurements"):
+        parts.append(perf_section(perf))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edge-parity: "
             f"{verdict.upper()}</title><style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

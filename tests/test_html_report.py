@@ -63,3 +63,15 @@ def test_chromium_renders_it_without_console_errors(tmp_path):
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perf_figures_join_the_page_when_bench_wrote_beside_it(tmp_path):
+    from harness import report
+
+    perf = json.loads((ROOT / "reports" / "sample" / "perf.json").read_text())
+    (tmp_path / "perf.json").write_text(json.dumps(perf))
+    report.write_reports(tmp_path, SAMPLE, final=True)
+    page = (tmp_path / "report.html").read_text()
+    perf_part = page[page.index("<section id=\"perf\">"):]
+    assert "tiny_llama" in perf_part and perf_part.count("data:image/png;base64,") == 1
+    assert "/root/" not in page and str(Path.home()) not in page  # paths scrubbed as in every report
