@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from harness.paths import scrub
 from harness.records import COMPLETE, ERROR, FAIL, INFO, INTERRUPTED, NOT_RUN, PASS, SKIP, XFAIL
-from harness.stages import GOLDEN
+from harness.stages import DIVERGENCE, GOLDEN
 
 SCHEMA_VERSION = 1
 PARITY_JSON = "parity.json"
@@ -125,6 +125,15 @@ def counts(results: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+def divergence_line(record: dict[str, Any]) -> str:
+    """A divergence record in one line: where a failing stage first departs from its parent."""
+    m = record["metrics"]
+    if m.get("point") is None:
+        return f"nothing diverges: {record['stage']} within {_fmt(m['tolerance'])} at every matched point"
+    return (f"first divergence: {record['stage']}, {m['label']}, position {m['position']} "
+            f"({_fmt(m['error'])}, tolerance {_fmt(m['tolerance'])})")
+
+
 def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
     """Markdown readable in a PR comment: a verdict line, then a table per model."""
     run = document["run"]
@@ -141,6 +150,7 @@ def render_summary(document: dict[str, Any], fmt: str = "github") -> str:
         info = document["models"].get(model, {})
         timings = info.get("timings", {})
         lines += [f"## {model}: {'FAIL' if {r['status'] for r in results} & {FAIL, ERROR} else 'pass'}", ""]
+        lines += [line for r in results if r["check"] == DIVERGENCE for line in (divergence_line(r), "")]
         if info.get("description"):
             lines += [info["description"], ""]
         lines += [model_table(results, fmt), ""]
