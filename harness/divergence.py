@@ -129,6 +129,11 @@ def _rope_taps(attentions: dict[Any, int], module, function: str, record):
     current: list[int] = []
     handles = [m.register_forward_pre_hook(lambda _m, _a, i=i: current.append(i)) for m, i in attentions.items()]
 
+    def leave(*_):  # a layer whose points were not asked for calls RoPE too: not ours
+        current.pop()
+
+    handles += [m.register_forward_hook(leave) for m in attentions]
+
     def tapped(q, k, *args, **kwargs):
         q_out, k_out = original(q, k, *args, **kwargs)
         if current:
