@@ -22,7 +22,7 @@ LABELS = {"embedding": "token embedding", "input_norm": "input norm", "q": "q pr
           "projection": "attention output projection", "post_attention_norm": "post-attention norm",
           "pre_ff_norm": "pre-MLP norm", "gate": "MLP gate projection", "up": "MLP up projection",
           "down": "MLP down projection", "post_ff_norm": "post-MLP norm", "final_norm": "final norm",
-          "head": "head (logits)"}
+          "head": "head", "logits": "output logits"}
 EPS = 1e-12
 
 
@@ -34,7 +34,8 @@ class Point:
     layer: int | None
     hf: str  # HF module path
     reauthored: str  # re-authored module path
-    take: str = "output"  # re-authored side: output | input (the first input) | q, k, v (of its fused qkv) | q_rope, k_rope
+    take: str = "output"  # re-authored side: output | input (the first input) | q, k, v (of its fused qkv) | q_rope,
+    # k_rope | logits (of the whole model, path "")
     hf_take: str = "output"  # HF side: the same, or fused_q, fused_k, fused_v of HF's own fused projection
 
     @property
@@ -85,6 +86,7 @@ def points_of(names: Any, num_layers: int) -> list[Point]:
     if named("final_norm"):
         points.append(Point("final_norm", None, named("final_norm"), "final_norm"))
     points.append(Point("head", None, named("lm_head") or "lm_head", "lm_head"))
+    points.append(Point("logits", None, "", "", "logits", "logits"))  # what the model returns: a final soft-cap
     return points
 
 
@@ -106,6 +108,8 @@ def pair_points(pair, model) -> list[Point]:
 
 def _rows(value, take: str, layout: dict) -> np.ndarray:
     """A captured tensor as [position, features] (batch 0), heads laid out as HF lays them out."""
+    if take == "logits":  # the model's own output: HF's ModelOutput or litert-torch's dict
+        value = value["logits"]
     t = value.detach().float()[0]
     if take in ("q", "k", "v"):  # the re-authored fused projection, split as CausalSelfAttention splits it
         heads, groups, dim = layout["heads"], layout["groups"], layout["head_dim"]

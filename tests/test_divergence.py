@@ -49,7 +49,7 @@ def test_points_follow_the_tensor_name_map_in_forward_order():
     assert by_name["layers.1.attention.q_rope"].hf == "model.layers.1.attn"  # the attention module calls RoPE
     assert by_name["layers.1.mlp.up"].reauthored == "transformer_blocks.1.ff.w1"  # no gate: a sequential MLP
     assert by_name["layers.0.attention.k"].take == "k" and by_name["layers.0.attention.k"].hf_take == "output"
-    assert [p.name for p in points[-2:]] == ["final_norm", "head"]
+    assert [p.name for p in points[-3:]] == ["final_norm", "head", "logits"]  # logits: what the model returns
     assert by_name["layers.1.attention.q_rope"].label == "layer 1 q after RoPE"
 
 
@@ -57,7 +57,7 @@ def test_points_follow_the_tensor_name_map_in_forward_order():
 def test_clean_pairs_diverge_nowhere(name, pairs, cache, gates):
     divergence = localised(pairs[name], cache, gates)
     assert divergence.first is None, localise.describe(divergence)
-    assert len(divergence.errors) >= 25 and all(e.error < divergence.tolerance / 10 for e in divergence.errors)
+    assert len(divergence.errors) >= 26 and all(e.error < divergence.tolerance / 10 for e in divergence.errors)
     assert localise.describe(divergence).startswith("nothing diverges")
 
 
@@ -77,6 +77,27 @@ def test_planted_defects_are_found_at_the_planted_point(name, point, position, a
     before = divergence.errors[:divergence.errors.index(first)]
     assert before and all(e.error <= divergence.tolerance for e in before)  # every earlier point agrees
     assert first.error > 10 * divergence.tolerance
+
+
+FAMILY = {  # (pair, defect of tests/variants.FAMILY_DEFECTS): the first point it shows at, and where
+    ("gemma2", "no_final_softcap"): ("logits", 0),  # after the head: only what the model returns differs
+    ("gemma2", "no_attention_softcap"): ("layers.0.attention.output", 1),
+    ("gemma2", "every_layer_global"): ("layers.0.attention.output", 8),  # the first position past the window
+    ("gemma3", "window_doubled"): ("layers.0.attention.output", 8),
+    ("gemma3", "no_qk_norm"): ("layers.0.attention.q_rope", 0),  # the QK norm sits between projection and RoPE
+    ("phi2", "full_rotary"): ("layers.0.attention.output", 1),  # partial RoPE outputs differ in shape: not matched
+    ("qwen2_5", "no_qkv_bias"): ("layers.0.attention.q", 0),
+}
+
+
+@pytest.mark.parametrize("pair_name, defect", list(FAMILY), ids=[f"{p}-{d}" for p, d in FAMILY])
+def test_each_familys_broken_feature_is_found_where_it_acts(pair_name, defect, pairs, cache, gates):
+    from tests import variants
+
+    change = next(c for p, d, c, _ in variants.FAMILY_DEFECTS if (p, d) == (pair_name, defect))
+    divergence = localised(variants.broken(pairs[pair_name], defect, change), cache, gates)
+    first = divergence.first
+    assert (first.point.name, first.position) == FAMILY[(pair_name, defect)], localise.describe(divergence)
 
 
 def test_a_failing_run_carries_one_divergence_record_and_its_summary_line(all_pairs, options):

@@ -24,7 +24,8 @@ def test_explain_names_the_divergence_and_writes_a_curve_and_a_repro_that_runs(t
                 "--out", str(tmp_path)])
     assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
     assert "first divergence: reauthored, layer 0 q after RoPE, position 1 (" in proc.stdout
-    table = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("layers.", "head"))}
+    table = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+             if line.startswith(("layers.", "head", "logits"))}
     assert table["layers.0.attention.q_rope"][-1] == "DIVERGES" and len(table["layers.0.attention.q"]) == 2  # agrees
     png = tmp_path / "divergence_tiny_llama_bad_rope_reauthored.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -46,9 +47,10 @@ def test_explain_on_a_clean_pair_says_nothing_diverges_and_prints_every_point(tm
     code = cli.main(["explain", "--models", "tiny_llama", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "nothing diverges: 27 matched points within 0.0001" in out
-    errors = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("layers.", "embedding", "final_norm", "head"))]
-    assert len(errors) == 27 and max(errors) < 1e-5 and max(errors) > 0  # real float noise, printed
+    assert "nothing diverges: 28 matched points within 0.0001" in out
+    errors = [float(line.split()[1]) for line in out.splitlines()
+              if line.startswith(("layers.", "embedding", "final_norm", "head", "logits"))]
+    assert len(errors) == 28 and max(errors) < 1e-5 and max(errors) > 0  # real float noise, printed
     assert (tmp_path / "divergence_tiny_llama_reauthored.png").exists()
     assert not list(tmp_path.glob("repro_*.py"))  # nothing to reproduce
 
