@@ -92,13 +92,13 @@ def points_of(names: Any, num_layers: int) -> list[Point]:
 
 def pair_points(pair, model) -> list[Point]:
     """The points of a pair: by the tensor-name map its builder declares (harness.reauthor.decoder_builder's
-    partial), else by the map of the litert-torch example module its model class comes from."""
+    partial), else by the map of the litert-torch example module its model class (or a base class) comes from."""
     from harness.errors import HarnessError
     from harness.pairs import resolve
 
     args = getattr(pair.reauthored, "args", ())
-    names = resolve(args[1]) if len(args) == 3 else getattr(sys.modules.get(type(model).__module__), "TENSOR_NAMES",
-                                                              None)
+    from_class = (getattr(sys.modules.get(c.__module__), "TENSOR_NAMES", None) for c in type(model).__mro__)
+    names = resolve(args[1]) if len(args) == 3 else next((n for n in from_class if n is not None), None)
     if names is None:
         raise HarnessError(f"pair {pair.name!r}: neither its builder (not harness.reauthor.decoder_builder) nor its "
                            f"model class's module names a tensor-name map, so no module is known to match; build "

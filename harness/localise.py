@@ -1,12 +1,13 @@
 """The divergence check: for a failing stage, the first matched point where it departs from its parent.
 
 Stages that can be localised are a table (`LOCALISERS`: stage -> function of the run state); today the
-re-authored model against HF. A divergence record is informational (status info): it never passes or fails
+re-authored model against HF, and the exported programs against the re-authored model. A divergence record is informational (status info): it never passes or fails
 a run, it says where the failure the gated checks found begins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -47,6 +48,32 @@ def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: fl
     return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
 
 
+def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The torch.export program of the tokens' prefill signature against the eager re-authored model, at the same
+    module points: torch.export.unflatten restores the module tree the converter traced (inside its wrapper), so
+    the same hooks apply. Traced code calls no RoPE function: q/k after RoPE are not matched here."""
+    import torch
+
+    from harness.runners import ReauthoredRunner, signature_for
+
+    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
+    n, length = len(tokens), signature_for(len(tokens), pair.export.prefill_lens)
+    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
+    padded[0, :n] = tokens
+    points, layout = pair_points(pair, model), layout_of(model)
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(model, points, "reauthored", layout) as reference:
+        runner.call(f"prefill_{length}", padded, positions, runner.empty_kv())
+    unflattened = torch.export.unflatten(programs[f"prefill_{length}"])
+    wrapper = next(name[:-len("tok_embedding")] for name, _ in unflattened.named_modules()
+                   if name.endswith("tok_embedding"))  # the converter's wrapper, e.g. "module."
+    traced = [dataclasses.replace(p, reauthored=wrapper + p.reauthored if p.reauthored else "") for p in points]
+    with capture(unflattened, traced, "reauthored", layout) as candidate, torch.no_grad():
+        unflattened(tokens=torch.as_tensor(padded), input_pos=torch.as_tensor(positions), kv_cache=runner.empty_kv())
+    real = {name: {k: v[:n] for k, v in values.items()} for name, values in (("ref", reference), ("cand", candidate))}
+    return compare(stages.EXPORTED, points, real["ref"], real["cand"], tolerance)
+
+
 def tolerance(state_or_gates, pair, stage: str) -> float:
     """The divergence tolerance of a stage, from the gates file ([defaults.<stage>.divergence] max_error)."""
     from harness.gates import gate_for
@@ -68,7 +95,13 @@ def _reauthored(state: RunState, prompt: int) -> Divergence:
                                tolerance(state, state.pair, stages.REAUTHORED))
 
 
-LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored}
+def _exported(state: RunState, prompt: int) -> Divergence:
+    return localise_exported(state.pair, state.model, state.programs, state.trajectories[prompt].tokens[:-1],
+                             tolerance(state, state.pair, stages.EXPORTED))
+
+
+LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored,
+                                                                stages.EXPORTED: _exported}
 
 
 def describe(divergence: Divergence) -> str:

@@ -116,6 +116,19 @@ def test_a_failing_run_carries_one_divergence_record_and_its_summary_line(all_pa
     assert section.startswith("first divergence: reauthored, layer 0 q after RoPE, position 1 ("), section[:200]
 
 
+def test_an_export_only_skew_is_localised_at_exported_and_only_there(options):
+    from tests import variants
+
+    rep = verify_pair(variants.variant(variants.skewed_when_exported), options.derive(stages=(stages.EXPORTED,)))
+    records = {r.stage: r for r in rep.results if r.check == stages.DIVERGENCE}
+    assert set(records) == {stages.EXPORTED}, [(r.stage, r.check, r.status) for r in rep.results]  # reauthored passes
+    metrics = records[stages.EXPORTED].metrics
+    assert (metrics["point"], metrics["position"]) == ("logits", 0), records[stages.EXPORTED].message
+    earlier = [e for name, e in metrics["points"].items() if name != "logits"]
+    assert len(earlier) >= 20 and max(earlier) < metrics["tolerance"] < metrics["error"]  # every module agrees
+    assert "layers.0.attention.q_rope" not in metrics["points"]  # a traced program calls no RoPE function
+
+
 def test_a_passing_run_has_no_divergence_record(pairs, options):
     rep = verify_pair(pairs["tiny_llama"], options.derive(stages=(stages.REAUTHORED,)))
     assert {r.status for r in rep.results if r.stage == stages.REAUTHORED} == {"pass"}
