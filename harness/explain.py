@@ -62,9 +62,19 @@ def check_prompt(pair, prompt: int):
     return prompts[prompt]
 
 
-def rebuild(pair, prompt: int, cache=None):
-    """The HF original, the re-authored twin and the tokens of prompt `prompt` followed by HF's greedy
-    continuation (every position but the last, as the stages run it)."""
+@dataclasses.dataclass
+class Sides:
+    """What a stage and its parent need to run: the HF original, the re-authored twin, the exported programs
+    (for `exported`), and the tokens of the prompt followed by HF's greedy continuation."""
+
+    hf_model: object
+    model: object
+    tokens: np.ndarray
+    programs: dict | None = None
+
+
+def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Sides:
+    """Both sides of `stage` on prompt `prompt` (every position but the last, as the stages run it)."""
     tokens = check_prompt(pair, prompt)
     from harness.cache import ArtifactCache
     from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
@@ -76,28 +86,43 @@ def rebuild(pair, prompt: int, cache=None):
     hf_model = load_hf(pair, checkpoint)
     model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
     trajectory, _ = greedy_trajectory(hf_model, tokens, pair.workload.new_tokens)
-    return hf_model, model, trajectory.tokens[:-1]
+    programs = None
+    if stage == stages.EXPORTED:
+        from harness.lowering import converter_signatures, export_programs
+
+        programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
+    return Sides(hf_model, model, trajectory.tokens[:-1], programs)
+
+
+def values(pair, sides: Sides, stage: str, points):
+    """Every point's values on both sides of `stage`: (parent's, stage's)."""
+    from harness.localise import exported_points, run_points
+
+    if stage == stages.EXPORTED:
+        return exported_points(pair, sides.model, sides.programs, sides.tokens, points)
+    return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max)
 
 
 def explain(pair, models_dirs, stage: str, prompt: int, gates, cache=None) -> Explanation:
     """Localises `stage` of `pair` on one prompt, whether or not it fails."""
-    from harness.localise import localise_reauthored, tolerance
+    from harness.divergence import compare, pair_points
+    from harness.localise import tolerance
 
     check_stage(stage)
-    hf_model, model, tokens = rebuild(pair, prompt, cache)
-    divergence = localise_reauthored(pair, hf_model, model, tokens, tolerance(gates, pair, stage))
+    sides = rebuild(pair, prompt, stage, cache)
+    points = pair_points(pair, sides.model)
+    divergence = compare(stage, points, *values(pair, sides, stage, points), tolerance(gates, pair, stage))
     return Explanation(pair.name, tuple(display_path(d) for d in models_dirs), prompt, divergence)
 
 
-def values_at(pair, hf_model, model, tokens, point_name: str):
-    """The two sides' values at one point, [position, features]: (HF, re-authored)."""
+def values_at(pair, sides: Sides, stage: str, point_name: str):
+    """The two sides' values at one point, [position, features]: (parent's, stage's)."""
     from harness.divergence import pair_points
-    from harness.localise import run_points
 
-    point = [p for p in pair_points(pair, model) if p.name == point_name]
+    point = [p for p in pair_points(pair, sides.model) if p.name == point_name]
     if not point:
         raise HarnessError(f"pair {pair.name} has no point {point_name!r}")
-    reference, candidate = run_points(hf_model, model, tokens, point, pair.export.kv_cache_max)
+    reference, candidate = values(pair, sides, stage, point)
     return reference[point_name], candidate[point_name]
 
 
@@ -107,9 +132,9 @@ def difference(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -
     t, f = np.unravel_index(int(np.abs(candidate - reference).argmax()), reference.shape)
     past = np.flatnonzero(per_position > tolerance)
     return "\n".join([
-        f"error per position (max |re-authored - HF| / max |HF|): {np.array2string(per_position, precision=3)}",
+        f"error per position (max |stage - parent| / max |parent|): {np.array2string(per_position, precision=3)}",
         f"first position past {tolerance:.3g}: {int(past[0]) if past.size else 'none'}",
-        f"worst element: position {t}, feature {f}: HF {reference[t, f]:.6g}, re-authored {candidate[t, f]:.6g}",
+        f"worst element: position {t}, feature {f}: parent {reference[t, f]:.6g}, stage {candidate[t, f]:.6g}",
     ])
 
 
@@ -154,12 +179,13 @@ checkout): python {name}
 
 from harness import explain
 
-PAIR, MODELS_DIRS, PROMPT, POINT, TOLERANCE = {pair!r}, {models_dirs!r}, {prompt!r}, {point!r}, {tolerance!r}
+PAIR, MODELS_DIRS, STAGE, PROMPT = {pair!r}, {models_dirs!r}, {stage!r}, {prompt!r}
+POINT, TOLERANCE = {point!r}, {tolerance!r}
 
 pair = explain.find_pair(PAIR, MODELS_DIRS)
-hf_model, model, tokens = explain.rebuild(pair, PROMPT)  # both sides, and the prompt + HF's greedy continuation
-reference, candidate = explain.values_at(pair, hf_model, model, tokens, POINT)
-print(f"{{PAIR}} {stage} at {{POINT}} on prompt {{PROMPT}} ({{len(tokens)}} tokens)")
+sides = explain.rebuild(pair, PROMPT, STAGE)  # both sides, and the prompt + HF's greedy continuation
+reference, candidate = explain.values_at(pair, sides, STAGE, POINT)  # the parent's values, the stage's
+print(f"{{PAIR}} {{STAGE}} at {{POINT}} on prompt {{PROMPT}} ({{len(reference)}} positions)")
 print(explain.difference(reference, candidate, TOLERANCE))
 '''
 

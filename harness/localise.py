@@ -48,10 +48,11 @@ def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: fl
     return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
 
 
-def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
-    """The torch.export program of the tokens' prefill signature against the eager re-authored model, at the same
-    module points: torch.export.unflatten restores the module tree the converter traced (inside its wrapper), so
-    the same hooks apply. Traced code calls no RoPE function: q/k after RoPE are not matched here."""
+def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: list[Point]):
+    """The eager re-authored model and the torch.export program of the tokens' prefill signature on the same
+    padded tokens, every point recorded on the real positions: (re-authored values, exported values).
+    torch.export.unflatten restores the module tree the converter traced (inside its wrapper), so the same hooks
+    apply; traced code calls no RoPE function, so q/k after RoPE are not recorded on the exported side."""
     import torch
 
     from harness.runners import ReauthoredRunner, signature_for
@@ -60,7 +61,7 @@ def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance
     n, length = len(tokens), signature_for(len(tokens), pair.export.prefill_lens)
     padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
     padded[0, :n] = tokens
-    points, layout = pair_points(pair, model), layout_of(model)
+    layout = layout_of(model)
     runner = ReauthoredRunner(model, pair.export.kv_cache_max)
     with capture(model, points, "reauthored", layout) as reference:
         runner.call(f"prefill_{length}", padded, positions, runner.empty_kv())
@@ -70,8 +71,14 @@ def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance
     traced = [dataclasses.replace(p, reauthored=wrapper + p.reauthored if p.reauthored else "") for p in points]
     with capture(unflattened, traced, "reauthored", layout) as candidate, torch.no_grad():
         unflattened(tokens=torch.as_tensor(padded), input_pos=torch.as_tensor(positions), kv_cache=runner.empty_kv())
-    real = {name: {k: v[:n] for k, v in values.items()} for name, values in (("ref", reference), ("cand", candidate))}
-    return compare(stages.EXPORTED, points, real["ref"], real["cand"], tolerance)
+    return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The exported prefill program against the eager re-authored model at the same module points."""
+    points = pair_points(pair, model)
+    reference, candidate = exported_points(pair, model, programs, tokens, points)
+    return compare(stages.EXPORTED, points, reference, candidate, tolerance)
 
 
 def tolerance(state_or_gates, pair, stage: str) -> float:

@@ -39,7 +39,7 @@ def test_explain_names_the_divergence_and_writes_a_curve_and_a_repro_that_runs(t
     assert "tiny_llama_bad_rope reauthored at layers.0.attention.q_rope on prompt 0" in repro.stdout
     assert "first position past 0.0001: 1" in repro.stdout
     worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
-    hf_value, ours = float(worst.split("HF ")[1].split(",")[0]), float(worst.split("re-authored ")[1])
+    hf_value, ours = float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
     assert abs(hf_value - ours) > 1e-3
 
 
@@ -55,12 +55,29 @@ def test_explain_on_a_clean_pair_says_nothing_diverges_and_prints_every_point(tm
     assert not list(tmp_path.glob("repro_*.py"))  # nothing to reproduce
 
 
+def test_explain_exported_finds_an_export_only_skew_and_its_repro_shows_it(tmp_path, capsys):
+    planted = ROOT / "tests" / "fixtures" / "planted_defects"
+    code = cli.main(["explain", "--models", "tiny_llama_skewed_when_exported", "--models-dir", str(planted),
+                     "--stage", "exported", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "first divergence: exported, output logits, position 0 (0.01, tolerance 0.0001)" in out
+    script = tmp_path / "repro_tiny_llama_skewed_when_exported_exported.py"
+    repro = run([script.name], cwd=tmp_path)
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    assert "tiny_llama_skewed_when_exported exported at logits on prompt 0 (12 positions)" in repro.stdout
+    assert "first position past 0.0001: 0" in repro.stdout
+    worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
+    parent, stage = float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
+    assert stage == pytest.approx(parent * 1.01, rel=1e-4)  # the planted skew, exactly
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--models", "tiny_lama"], "unknown model pair 'tiny_lama'"),
     (["--models", "tiny_llama,phi2"], "explain localises one pair"),
     (["--models", "tiny_llama", "--stage", "tflite_magic"], "--stage tflite_magic is not a stage"),
-    (["--models", "tiny_llama", "--stage", "exported"], "--stage exported has no localiser yet; explain localises: "
-                                                        "reauthored"),
+    (["--models", "tiny_llama", "--stage", "stablehlo"], "--stage stablehlo has no localiser yet; explain localises: "
+                                                         "reauthored, exported"),
     (["--models", "tiny_llama", "--prompt", "7"], "--prompt 7: pair tiny_llama has prompts 0..2"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_no_heavy_library(tmp_path, args, fragment):
