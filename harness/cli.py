@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="directory of the merged parity.json and summary.md")
     merge.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML")
     merge.add_argument("--models-dir", dest="models_dirs", action="append", default=None)
+    expl = sub.add_parser("explain", help="where one pair's stage first diverges from its parent: table, curve, "
+                                          "reproduction script",
+                          description="Runs the pair's stage and its parent on one prompt, compares them at matched "
+                                      "intermediate points and prints the error at each and the first past the "
+                                      "tolerance; writes a PNG curve of the errors and, when a point diverges, a "
+                                      "script reproducing it (repro_<pair>_<stage>.py) to --out.",
+                          epilog="exit codes: 0 nothing diverges, 1 a point diverges, 2 usage error",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group in (cfg.models_group, cfg.gates_group, cfg.cache_group):
+        group(expl)
+    cfg.output_group(expl, default="reports/explain")
+    expl.add_argument("--stage", default=stages.REAUTHORED, help="the stage to localise (default reauthored)")
+    expl.add_argument("--prompt", type=int, default=0, help="the workload prompt to run, by index (default 0)")
 
     bench = sub.add_parser("bench", help="XNNPack performance of the converted artifacts; gate against a baseline")
     for group in (cfg.models_group, cfg.gates_group, cfg.cache_group, cfg.quant_group):
@@ -298,7 +311,35 @@ def cmd_report(args) -> int:
     return EXIT_PASS if verdict == "pass" else EXIT_INTERRUPTED if verdict == "interrupted" else EXIT_GATE_FAILED
 
 
-COMMANDS = {"verify": cmd_verify, "affected": cmd_affected, "report": cmd_report, "bench": cmd_bench, "list": cmd_list, "golden": cmd_golden}
+def cmd_explain(args) -> int:
+    """Localises one pair's stage on one prompt; exit 1 when a point diverges."""
+    from harness import explain
+    from harness.cache import ArtifactCache
+    from harness.gates import load_gates
+    from harness.localise import describe
+    from harness.paths import display_path
+
+    config = RunConfig.from_cli(args, "explain")
+    if not config.models or len(config.models) != 1:
+        raise HarnessError("explain localises one pair: pass --models PAIR (see `harness list`)")
+    explain.check_stage(args.stage)
+    gates = load_gates(Path(config.gates))
+    pair = explain.find_pair(config.models[0], config.models_dirs)
+    explain.check_prompt(pair, args.prompt)
+    with ArtifactCache(Path(config.cache_dir), config.shared_cache) as cache:
+        result = explain.explain(pair, config.models_dirs, args.stage, args.prompt, gates, cache)
+    print(explain.table(result.divergence))
+    print()
+    print(describe(result.divergence))
+    written = explain.write_explanation(Path(config.out), result)
+    print("wrote: " + ", ".join(display_path(p) for p in written))
+    if result.divergence.first:
+        print(f"reproduce: python {display_path(written[-1])}")
+    return EXIT_GATE_FAILED if result.divergence.first else EXIT_PASS
+
+
+COMMANDS = {"verify": cmd_verify, "explain": cmd_explain, "affected": cmd_affected, "report": cmd_report,
+            "bench": cmd_bench, "list": cmd_list, "golden": cmd_golden}
 
 
 def _quiet_libraries(verbose: bool) -> None:

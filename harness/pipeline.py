@@ -22,10 +22,11 @@ from harness.cache import ArtifactCache
 from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gate, Gates, gate_for, load_gates
+from harness.localise import LOCALISERS, localise_failures
 from harness.memory import peak_rss_mb, release_freed
 from harness.pairs import ModelPair, resolve
 from harness.paths import scrub
-from harness.records import ERROR, SKIP, CheckResult
+from harness.records import ERROR, FAIL, SKIP, CheckResult
 from harness.workload import Trajectory
 
 
@@ -309,6 +310,9 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     with options.cache.scope() as tally:
         for spec in planned_stages(pair, options):
             _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
+        if {r.stage for r in report.results if r.status == FAIL} & set(LOCALISERS):  # say where a failure begins
+            _run_step(report, state, stages.DIVERGENCE, (), functools.partial(localise_failures, state, report.results),
+                      progress)
         for recipe in planned_recipes(pair, options):
             if recipe not in pair.quant_recipes:  # planned by name only; say why it never ran
                 report.results.append(CheckResult(pair.name, stages.tflite_stage(recipe), stages.STAGE_RUN, SKIP,

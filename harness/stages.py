@@ -20,6 +20,7 @@ PREFILL_DECODE = "prefill_decode"  # prefix, chunked, causal, padded and repeate
 KV_CACHE = "kv_cache"  # cache contents vs HF, never-read slots, one write per decode, the end of the cache
 PROPERTIES = "properties"  # the extra check that measures both, per stage, after every stage has run
 GOLDEN = "golden"  # drift from the recorded golden outputs (also the name of the stage that runs it)
+DIVERGENCE = "divergence"  # info: the first matched point where a failing stage departs from its parent (harness/localise.py)
 
 # Every recipe litert-torch's converter offers (converter.QuantizationName), minus "none".
 QUANT_RECIPES = (
@@ -63,6 +64,7 @@ GATED_METRICS = {
     QUANT_ACCURACY: ("mean_kl", "p99_kl", "max_kl", "top1", "greedy_match_vs_hf"),
     GOLDEN: ("max_abs_err", "max_stats_err", "top1", "greedy_match", "mean_kl", "max_kl", "top5_overlap"),
     COMPOSITE_BODY: ("max_abs_err",),
+    DIVERGENCE: ("error",),  # not a gate: max_error is the tolerance each matched point is held to
     PREFILL_DECODE: ("prefix_err", "chunked_err", "signatures_err", "causality_err", "padding_err", "resume_err",
                      "consistency_rel_err", "nondeterministic_values"),
     KV_CACHE: ("sentinel_err", "write_err", "stray_slots", "missed_writes", "reference_err", "reference_rel_err",
@@ -75,8 +77,8 @@ GATED_METRICS = {
 _QUANTIZED_CHECKS = (QUANT_ACCURACY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT)
 CHECKS_AT = {
     HF: (SENSITIVITY, GOLDEN, PERPLEXITY),
-    REAUTHORED: (WEIGHT_COVERAGE, LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE),
-    EXPORTED: (LOGITS, GREEDY, GOLDEN),
+    REAUTHORED: (WEIGHT_COVERAGE, LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, DIVERGENCE),
+    EXPORTED: (LOGITS, GREEDY, GOLDEN, DIVERGENCE),
     STABLEHLO: (LOGITS, GREEDY, GOLDEN, COMPOSITE_BODY),
     TFLITE_FLOAT: (LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT),
     QUANTIZED_FALLBACK: _QUANTIZED_CHECKS,

@@ -148,12 +148,26 @@ def render_matrix(document: dict[str, Any], fmt: str = "github") -> str:
                      + ["| " + " | ".join(table_cell(c) for c in row) + " |" for row in rows])
 
 
-def failure_lines(record: dict[str, Any], fmt: str = "github") -> list[str]:
-    """A failed or errored record as the summary lists it (a place for more lines about it, e.g. where
-    its logits began to diverge)."""
+def divergence_line(record: dict[str, Any]) -> str:
+    """A divergence record in one line: where a failing stage first departs from its parent."""
+    m = record["metrics"]
+    if m.get("point") is None:
+        return f"nothing diverges: {record['stage']} within {_fmt(m['tolerance'])} at every matched point"
+    return (f"first divergence: {record['stage']}, {m['label']}, position {m['position']} "
+            f"({_fmt(m['error'])}, tolerance {_fmt(m['tolerance'])})")
+
+
+def divergences(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The divergence record of each (pair, stage) that has one."""
+    return {(r["model"], r["stage"]): r for r in results if r["check"] == stages.DIVERGENCE}
+
+
+def failure_lines(record: dict[str, Any], fmt: str = "github", divergence: dict[str, Any] | None = None) -> list[str]:
+    """A failed or errored record as the summary lists it, with where its stage began to diverge."""
     model = f"**{record['model']}**" if fmt == "github" else record["model"]
-    return [f"- {model} {record['stage']} {record['check']} ({record['status'].upper()}): "
-            f"{table_cell(record['message'], 'plain') or 'no message'}"]
+    lines = [f"- {model} {record['stage']} {record['check']} ({record['status'].upper()}): "
+             f"{table_cell(record['message'], 'plain') or 'no message'}"]
+    return lines + ([f"  - {divergence_line(divergence)}"] if divergence else [])
 
 
 def shown_metrics(record: dict[str, Any]) -> list[str]:
@@ -181,6 +195,7 @@ def _pair_details(model: str, records: list[dict[str, Any]], info: dict[str, Any
     timings = info.get("timings", {})
     seconds = f", {sum(timings.values()):.1f} s" if timings else ""
     lines = [f"<details><summary>{model}: {pair_status(records).upper()} ({counts(records)}{seconds})</summary>", ""]
+    lines += [line for r in divergences(records).values() for line in (divergence_line(r), "")]
     if info.get("description"):
         lines += [info["description"], ""]
     lines += [model_table(records), ""]
@@ -239,7 +254,12 @@ def render_summary(document: dict[str, Any], fmt: str = "github", budget: int = 
         lines += [render_matrix(document, fmt), ""]
     failures = [r for r in document["results"] if r["status"] in (FAIL, ERROR)]
     if failures:
-        lines += ["## Failures", ""] + [line for r in failures for line in failure_lines(r, fmt)] + [""]
+        where, told = divergences(document["results"]), set()
+        for r in failures:  # the divergence of a stage once, under its first failure
+            key = (r["model"], r["stage"])
+            lines += failure_lines(r, fmt, where.get(key) if key not in told else None)
+            told.add(key)
+        lines += [""]
     if fmt != "github":
         return "\n".join(lines).rstrip() + "\n"
     head = "\n".join(lines)

@@ -166,3 +166,34 @@ def ulp_perturbed(path, out, seed: int = 0) -> int:
             buffer.data = np.frombuffer(buffer.data, np.uint8)
     flatbuffer_utils.write_model(model, str(out))
     return len(done)
+
+
+# --- planted defects, each at one known point (tests/fixtures/planted_defects, tests/test_divergence.py) -----
+
+def one_layer_norm_eps(layer: int, epsilon: float):
+    """tiny_llama's config with layer `layer`'s post-attention norm epsilon set to `epsilon` (HF: 1e-5)."""
+    import copy
+
+    def config():
+        c = tiny_llama.reauthored_config()
+        c.block_configs = [copy.deepcopy(c.block_config(i)) for i in range(c.num_layers)]
+        block = c.block_configs[layer]  # its norms share one config object: change a copy of one
+        block.post_attention_norm_config = dataclasses.replace(block.post_attention_norm_config, epsilon=epsilon)
+        return c
+
+    return config
+
+
+class LeakyMaskTinyLlama(litert_tiny_llama.TinyLlama):
+    """A causal mask one position too permissive: position i also sees position i + 1."""
+
+    def build_mask_cache(self, mask_cache_size: int):
+        super().build_mask_cache(mask_cache_size)
+        if self.mask_cache is not None:
+            self.mask_cache = torch.triu(torch.full_like(self.mask_cache, float("-inf")), diagonal=2)
+
+
+def planted(name: str, config=None, model_class=None):
+    """tiny_llama with one planted defect, built by decoder_builder so its tensor-name map is the pair's own."""
+    return dataclasses.replace(tiny_llama.PAIR, name=f"tiny_llama_{name}", reauthored=decoder_builder(
+        config or tiny_llama.reauthored_config, litert_tiny_llama.TENSOR_NAMES, model_class or litert_tiny_llama.TinyLlama))

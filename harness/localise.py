@@ -1,0 +1,146 @@
+"""The divergence check: for a failing stage, the first matched point where it departs from its parent.
+
+Stages that can be localised are a table (`LOCALISERS`: stage -> function of the run state); today the
+re-authored model against HF, and the exported programs against the re-authored model. A divergence record is informational (status info): it never passes or fails
+a run, it says where the failure the gated checks found begins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from harness import stages
+from harness.divergence import Divergence, Point, capture, compare, layout_of, pair_points
+from harness.errors import HarnessError
+from harness.records import FAIL, INFO, CheckResult
+
+if TYPE_CHECKING:
+    from harness.pipeline import RunState
+
+
+def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cache_max: int):
+    """Both models on the same tokens (one prefill), every point recorded: (HF's values, the re-authored ones)."""
+    import torch
+
+    from harness.runners import ReauthoredRunner
+
+    layout = layout_of(model)
+    with capture(hf_model, points, "hf", layout) as reference, torch.no_grad():
+        hf_model(torch.as_tensor(tokens, dtype=torch.long)[None])
+    runner = ReauthoredRunner(model, kv_cache_max)
+    with capture(model, points, "reauthored", layout) as candidate:
+        runner.prefill(tokens, runner.empty_kv())
+    scale = model.config.embedding_scale
+    embedding = next((p for p in points if p.name == "embedding"), None)
+    if embedding and scale and hasattr(hf_model.get_submodule(embedding.hf), "embed_scale") and "embedding" in candidate:
+        candidate["embedding"] = candidate["embedding"] * scale  # HF scales inside the module (Gemma), litert after
+    return reference, candidate
+
+
+def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The re-authored model against HF at every matched point, on `tokens`."""
+    points = pair_points(pair, model)
+    reference, candidate = run_points(hf_model, model, tokens, points, pair.export.kv_cache_max)
+    return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
+
+
+def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: list[Point]):
+    """The eager re-authored model and the torch.export program of the tokens' prefill signature on the same
+    padded tokens, every point recorded on the real positions: (re-authored values, exported values).
+    torch.export.unflatten restores the module tree the converter traced (inside its wrapper), so the same hooks
+    apply; traced code calls no RoPE function, so q/k after RoPE are not recorded on the exported side."""
+    import torch
+
+    from harness.runners import ReauthoredRunner, signature_for
+
+    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
+    n, length = len(tokens), signature_for(len(tokens), pair.export.prefill_lens)
+    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
+    padded[0, :n] = tokens
+    layout = layout_of(model)
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(model, points, "reauthored", layout) as reference:
+        runner.call(f"prefill_{length}", padded, positions, runner.empty_kv())
+    unflattened = torch.export.unflatten(programs[f"prefill_{length}"])
+    wrapper = next(name[:-len("tok_embedding")] for name, _ in unflattened.named_modules()
+                   if name.endswith("tok_embedding"))  # the converter's wrapper, e.g. "module."
+    traced = [dataclasses.replace(p, reauthored=wrapper + p.reauthored if p.reauthored else "") for p in points]
+    with capture(unflattened, traced, "reauthored", layout) as candidate, torch.no_grad():
+        unflattened(tokens=torch.as_tensor(padded), input_pos=torch.as_tensor(positions), kv_cache=runner.empty_kv())
+    return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The exported prefill program against the eager re-authored model at the same module points."""
+    points = pair_points(pair, model)
+    reference, candidate = exported_points(pair, model, programs, tokens, points)
+    return compare(stages.EXPORTED, points, reference, candidate, tolerance)
+
+
+def tolerance(state_or_gates, pair, stage: str) -> float:
+    """The divergence tolerance of a stage, from the gates file ([defaults.<stage>.divergence] max_error)."""
+    from harness.gates import gate_for
+
+    gates = getattr(getattr(state_or_gates, "options", None), "gates", state_or_gates)
+    thresholds = gate_for(gates, pair, stage, stages.DIVERGENCE).thresholds
+    if "max_error" not in thresholds:
+        raise HarnessError(f"the gates file has no [defaults.{stage}.divergence] max_error: the tolerance a matched "
+                           "point is held to; add it (harness/gates.toml shows the measured value)")
+    return float(thresholds["max_error"])
+
+
+def _reauthored(state: RunState, prompt: int) -> Divergence:
+    from harness.checkpoint import load_hf
+
+    hf_model = load_hf(state.pair, state.checkpoint)
+    tokens = state.trajectories[prompt].tokens[:-1]
+    return localise_reauthored(state.pair, hf_model, state.model, tokens,
+                               tolerance(state, state.pair, stages.REAUTHORED))
+
+
+def _exported(state: RunState, prompt: int) -> Divergence:
+    return localise_exported(state.pair, state.model, state.programs, state.trajectories[prompt].tokens[:-1],
+                             tolerance(state, state.pair, stages.EXPORTED))
+
+
+LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored,
+                                                                stages.EXPORTED: _exported}
+
+
+def describe(divergence: Divergence) -> str:
+    """The divergence in words: its first point, position, error and tolerance, or that nothing diverges."""
+    first = divergence.first
+    if first is None:
+        return (f"nothing diverges: {len(divergence.errors)} matched points within {divergence.tolerance:.3g} "
+                f"(worst {max((e.error for e in divergence.errors), default=0.0):.3g})")
+    return (f"first divergence: {divergence.stage}, {first.point.label}, position {first.position} "
+            f"({first.error:.3g}, tolerance {divergence.tolerance:.3g})")
+
+
+def divergence_record(model: str, divergence: Divergence, prompt: int, seconds: float) -> CheckResult:
+    metrics = {**divergence.metrics(), "prompt": prompt, "seconds": round(seconds, 2)}
+    return CheckResult(model, divergence.stage, stages.DIVERGENCE, INFO, metrics,
+                       {"max_error": divergence.tolerance}, describe(divergence))
+
+
+def failing_prompt(results: list[CheckResult], stage: str) -> int:
+    """The prompt of the stage's worst logit error (the logits check says which), else the first."""
+    return next((int(r.metrics.get("worst_prompt", 0)) for r in results
+                 if r.stage == stage and r.check == stages.LOGITS), 0)
+
+
+def localise_failures(state: RunState, results: list[CheckResult]) -> list[CheckResult]:
+    """One divergence record per failing stage that has a localiser, on the prompt where it fails worst."""
+    failing = {r.stage for r in results if r.status == FAIL}
+    records = []
+    for stage, localiser in LOCALISERS.items():
+        if stage in failing and stage in state.completed:
+            start = time.perf_counter()
+            prompt = failing_prompt(results, stage)
+            records.append(divergence_record(state.pair.name, localiser(state, prompt), prompt,
+                                             time.perf_counter() - start))
+    return records
