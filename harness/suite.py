@@ -47,10 +47,10 @@ def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
     done = PairReport(pair.name, [], {}, {})
 
     def progress(model, stage, seconds, produced):
-        channel.event(progress=format_progress(model, stage, seconds, produced))
         done.results.extend(produced)
         done.timings[stage] = seconds
-        channel.partial(report_to_json(done))  # a child that dies later keeps these
+        channel.partial(report_to_json(done))  # saved before it is told: a child stopped after the line keeps it
+        channel.event(progress=format_progress(model, stage, seconds, produced))
 
     with options.cache:
         return report_to_json(verify_pair(pair, options, progress))
@@ -106,9 +106,9 @@ def run_in_process(pair: ModelPair, options: RunOptions, echo: Echo) -> PairRepo
     done = PairReport(pair.name, [], {}, {})
 
     def progress(model, stage, seconds, produced):
-        echo(format_progress(model, stage, seconds, produced))
         done.results.extend(produced)
         done.timings[stage] = seconds
+        echo(format_progress(model, stage, seconds, produced))
 
     try:
         return verify_pair(pair, options, progress)

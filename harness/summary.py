@@ -254,6 +254,7 @@ def render_summary(document: dict[str, Any], fmt: str = "github", budget: int = 
         lines += [render_matrix(document, fmt), ""]
     failures = [r for r in document["results"] if r["status"] in (FAIL, ERROR)]
     if failures:
+        lines += ["## Failures", ""]
         where, told = divergences(document["results"]), set()
         for r in failures:  # the divergence of a stage once, under its first failure
             key = (r["model"], r["stage"])
