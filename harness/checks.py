@@ -44,6 +44,10 @@ def logit_errors(candidate: list[np.ndarray], reference: list[np.ndarray]) -> di
         "worst_prompt": worst[1],
         "worst_position": worst[2],
         "reference_max_abs": float(max(np.abs(r).max() for r in reference)),
+        # Per prompt, the worst error at each position (3 significant digits): report.html draws where along
+        # the positions a stage departs from its parent.
+        "per_position_max_abs_err": [[float(f"{e:.3g}") for e in np.abs(c.astype(np.float64) - r).max(-1)]
+                                     for c, r in zip(candidate, reference)],
     }
 
 
@@ -89,6 +93,9 @@ def kl_divergences(candidate: list[np.ndarray], reference: list[np.ndarray]) -> 
     return np.concatenate(out)
 
 
+KL_PERCENTILES = (0, 10, 25, 50, 75, 90, 95, 99, 100)
+
+
 def quant_accuracy(model: str, stage: str, candidate, float_reference, gate: Gate, trajectories=None) -> CheckResult:
     """A quantized stage against the float flatbuffer: mean/p99/max KL and top-1 agreement."""
     kl = kl_divergences(candidate, float_reference)
@@ -99,6 +106,8 @@ def quant_accuracy(model: str, stage: str, candidate, float_reference, gate: Gat
         "max_kl": float(kl.max()),
         "top1": float(agree.mean()),
         "positions": int(kl.size),
+        # The distribution over positions (percentile: KL), for report.html's curve; the gate reads the above.
+        "kl_percentiles": {str(q): float(f"{v:.3g}") for q, v in zip(KL_PERCENTILES, np.percentile(kl, KL_PERCENTILES))},
     }
     if trajectories is not None:  # how often its greedy tokens are HF's, for the reader (not gated by default)
         metrics["greedy_match_vs_hf"] = greedy_match(candidate, trajectories)

@@ -2,7 +2,8 @@
 
 The matrix as summary.md has it, then a section per pair: a plot of every gated check's distance to its
 gate (1 is the gate; a bar past it failed), so where along the stages a pair starts to drift is visible at
-a glance, and the pair's full table. Plots are PNGs embedded as data URIs.
+a glance; the logit error along the positions per stage (where it departs); the quantized stages' KL
+distributions; and the pair's full table. Plots are PNGs embedded as data URIs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import html
 import io
 from typing import Any
 
-from harness import summary
+from harness import stages, summary
 from harness.records import ERROR, FAIL, NOT_RUN, PASS, XFAIL
 
 REPORT_HTML = "report.html"
@@ -35,17 +36,30 @@ def gate_distances(records: list[dict[str, Any]]) -> list[tuple[str, float, str]
     return out
 
 
-def plot_distances(model: str, records: list[dict[str, Any]]) -> str | None:
-    """A PNG (base64) of each check's distance to its gate, on a log scale, the gate drawn at 1."""
-    rows = [(name, d, status) for name, d, status in gate_distances(records) if d > 0]
-    if not rows:
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
+    return plt
+
+
+def _png(fig) -> str:
+    """The figure as a base64 PNG, closed."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def plot_distances(model: str, records: list[dict[str, Any]]) -> str | None:
+    """A PNG (base64) of each check's distance to its gate, on a log scale, the gate drawn at 1."""
+    rows = [(name, d, status) for name, d, status in gate_distances(records) if d > 0]
+    if not rows:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(8, 0.28 * len(rows) + 1.2))
     shown = [min(max(d, 1e-9), 1e3) for _, d, _ in rows]  # a failure past any scale is drawn at the edge
     ax.barh(range(len(rows)), shown, color=[COLOURS.get(s, "#555") for _, _, s in rows])
     ax.axvline(1.0, color="#c0392b", linestyle="--", linewidth=1)
@@ -53,11 +67,44 @@ def plot_distances(model: str, records: list[dict[str, Any]]) -> str | None:
     ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="measured / gate (nearest metric; 1 = at the gate)", title=f"{model}: distance to each gate")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return _png(fig)
+
+
+def plot_positions(model: str, records: list[dict[str, Any]]) -> str | None:
+    """Per stage, the worst logit error at each position of its worst prompt, against the stage it came from:
+    a stage that departs at some position shows as a step there; its gate is the dashed line."""
+    curves = [r for r in records if r["check"] == stages.LOGITS and r["metrics"].get("per_position_max_abs_err")]
+    if not curves:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(8, 3.2))
+    for r in curves:
+        m = r["metrics"]
+        errors = m["per_position_max_abs_err"][m.get("worst_prompt", 0)]
+        line, = ax.plot(range(len(errors)), [max(e, 1e-9) for e in errors], marker=".", linewidth=1,
+                        label=f"{r['stage']} (prompt {m.get('worst_prompt', 0)})")
+        if "max_max_abs_err" in r["threshold"]:
+            ax.axhline(r["threshold"]["max_max_abs_err"], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set(xlabel="position", ylabel="max |logit error| vs parent", title=f"{model}: error along the positions")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_kl(model: str, records: list[dict[str, Any]]) -> str | None:
+    """Per quantized stage, the distribution of KL to the float flatbuffer over positions (percentile curve)."""
+    curves = [r for r in records if r["check"] == stages.QUANT_ACCURACY and r["metrics"].get("kl_percentiles")]
+    if not curves:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(8, 3.2))
+    for r in curves:
+        percentiles = r["metrics"]["kl_percentiles"]
+        ax.plot([max(v, 1e-12) for v in percentiles.values()], [float(q) for q in percentiles], marker=".",
+                label=r["stage"])
+    ax.set_xscale("log")
+    ax.set(xlabel="KL(float || quantized) at a position", ylabel="percentile of positions",
+           title=f"{model}: quantized KL distribution")
+    ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
@@ -102,9 +149,11 @@ def render_html(document: dict[str, Any], perf: dict[str, Any] | None = None) ->
         info = document["models"].get(model, {})
         parts.append(f"<section id=\"{html.escape(model)}\"><h2>{html.escape(model)}: "
                      f"{summary.pair_status(records).upper()}</h2><p>{html.escape(info.get('description', ''))}</p>")
-        png = plot_distances(model, records)
-        if png:
-            parts.append(f"<img alt=\"{html.escape(model)}: distance to each gate\" src=\"data:image/png;base64,{png}\">")
+        for title, plot in (("distance to each gate", plot_distances), ("error along the positions", plot_positions),
+                            ("quantized KL distribution", plot_kl)):
+            png = plot(model, records)
+            if png:
+                parts.append(f"<img alt=\"{html.escape(model)}: {title}\" src=\"data:image/png;base64,{png}\">")
         rows = [[r["stage"], r["check"], r["status"], ", ".join(
             f"{m} {summary.beside_threshold(r['metrics'], r['threshold'], m)}" for m in summary.shown_metrics(r)),
             r["message"]] for r in records]

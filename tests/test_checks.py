@@ -33,6 +33,10 @@ def test_compare_logits_fails_and_locates_the_worst_position(logits):
     assert result.metrics["max_abs_err"] == pytest.approx(0.5, rel=1e-5)
     assert "prompt 1 position 7" in result.message
     assert "max_abs_err=0.5 > 0.0001" in result.message
+    # The per-position curve report.html draws: zero everywhere but where the error was planted.
+    curve = result.metrics["per_position_max_abs_err"]
+    assert [len(c) for c in curve] == [9, 12] and curve[0] == [0.0] * 9
+    assert curve[1][7] == pytest.approx(0.5, rel=1e-3) and curve[1][:7] == [0.0] * 7 == curve[1][8:] + [0.0] * 3
 
 
 def test_compare_logits_fails_on_nan(logits):

@@ -27,7 +27,7 @@ def test_the_page_is_self_contained_and_leads_with_the_failure():
     page = html_report.render_html(planted())
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "nothing fetched at view time"
     assert "<script" not in page
-    assert page.count("data:image/png;base64,") == len(SAMPLE["models"])
+    assert page.count(": distance to each gate\" src=\"data:image/png;base64,") == len(SAMPLE["models"])
     assert "<h1 class=\"fail\">edge-parity: FAIL</h1>" in page
     matrix = page[page.index("<table>"):page.index("</table>")]
     first_row = matrix.split("<tr class=")[1]
@@ -35,6 +35,22 @@ def test_the_page_is_self_contained_and_leads_with_the_failure():
     assert "max_abs_err=0.31 &gt; 0.0001 &lt;worst at prompt 2&gt;" in page  # messages escaped, whole
     for model in SAMPLE["models"]:
         assert f"<section id=\"{model}\">" in page
+
+
+def test_error_along_positions_and_kl_distributions_are_drawn_when_recorded():
+    """A stage's per-position error and a quantized stage's KL percentiles each add their plot to the pair."""
+    doc = planted()
+    qwen3 = [r for r in doc["results"] if r["model"] == "qwen3"]
+    for r in qwen3:
+        if r["check"] == "logits":
+            r["metrics"]["per_position_max_abs_err"] = [[1e-6] * 5 + [0.3] * 5, [1e-6] * 8]
+            r["metrics"]["worst_prompt"] = 0
+        if r["check"] == "quant_accuracy":
+            r["metrics"]["kl_percentiles"] = {"0": 1e-7, "50": 1e-4, "99": 3e-3, "100": 1e-2}
+    page = html_report.render_html(doc)
+    section = page.split("<section id=\"qwen3\">")[1].split("</section>")[0]
+    assert "qwen3: error along the positions" in section and "qwen3: quantized KL distribution" in section
+    assert section.count("data:image/png;base64,") == 3
 
 
 def test_distance_to_the_gate_is_above_1_only_past_it():
