@@ -34,13 +34,18 @@ def test_explain_names_the_divergence_and_writes_a_curve_and_a_repro_that_runs(t
     for machine_path in (str(ROOT), str(Path.home()), str(tmp_path)):
         assert machine_path not in text
     # The reproduction runs on its own, from anywhere, and shows the same point diverging at the same position.
-    repro = run([script.name], cwd=tmp_path)
-    assert repro.returncode == 0, repro.stderr[-2000:]
-    assert "tiny_llama_bad_rope reauthored at layers.0.attention.q_rope on prompt 0" in repro.stdout
-    assert "first position past 0.0001: 1" in repro.stdout
-    worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
-    hf_value, ours = float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
+    stdout, hf_value, ours = run_repro(script)
+    assert "tiny_llama_bad_rope reauthored at layers.0.attention.q_rope on prompt 0" in stdout
+    assert "first position past 0.0001: 1" in stdout
     assert abs(hf_value - ours) > 1e-3
+
+
+def run_repro(script: Path) -> tuple[str, float, float]:
+    """Runs a written reproduction on its own, from its folder; its output and the worst element's two values."""
+    repro = run([script.name], cwd=script.parent)
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
+    return repro.stdout, float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
 
 
 def test_explain_on_a_clean_pair_says_nothing_diverges_and_prints_every_point(tmp_path, capsys):
@@ -63,12 +68,9 @@ def test_explain_exported_finds_an_export_only_skew_and_its_repro_shows_it(tmp_p
     assert code == 1, out
     assert "first divergence: exported, output logits, position 0 (0.01, tolerance 0.0001)" in out
     script = tmp_path / "repro_tiny_llama_skewed_when_exported_exported.py"
-    repro = run([script.name], cwd=tmp_path)
-    assert repro.returncode == 0, repro.stderr[-2000:]
-    assert "tiny_llama_skewed_when_exported exported at logits on prompt 0 (12 positions)" in repro.stdout
-    assert "first position past 0.0001: 0" in repro.stdout
-    worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
-    parent, stage = float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
+    stdout, parent, stage = run_repro(script)
+    assert "tiny_llama_skewed_when_exported exported at logits on prompt 0 (12 positions)" in stdout
+    assert "first position past 0.0001: 0" in stdout
     assert stage == pytest.approx(parent * 1.01, rel=1e-4)  # the planted skew, exactly
 
 

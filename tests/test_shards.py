@@ -94,7 +94,7 @@ def test_a_merged_interrupted_shard_never_reads_pass():
 
 def test_two_shards_merged_equal_the_unsharded_run(tmp_path):
     """Real runs (hf and reauthored of two pairs): the merged records are the single run's, bit for bit."""
-    common = ["verify", "--models", "tiny_llama,smollm2", "--stages", "hf,reauthored"]
+    common = ["verify", "--models", "tiny_llama,smollm2", "--stages", "hf,reauthored", "--in-process"]
     whole = harness(*common, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
     for index in (1, 2):
