@@ -65,12 +65,14 @@ def check_prompt(pair, prompt: int):
 @dataclasses.dataclass
 class Sides:
     """What a stage and its parent need to run: the HF original, the re-authored twin, the exported programs
-    (for `exported`), and the tokens of the prompt followed by HF's greedy continuation."""
+    (for `exported`) or the float flatbuffer (for `tflite_float`), and the tokens of the prompt followed by
+    HF's greedy continuation."""
 
     hf_model: object
     model: object
     tokens: np.ndarray
     programs: dict | None = None
+    flatbuffer: Path | None = None
 
 
 def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Sides:
@@ -91,15 +93,22 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Si
         from harness.lowering import converter_signatures, export_programs
 
         programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
-    return Sides(hf_model, model, trajectory.tokens[:-1], programs)
+    flatbuffer = None
+    if stage == stages.TFLITE_FLOAT:  # from the cache, or converted once into it
+        from harness.convert import FLOAT, convert
+
+        flatbuffer = convert(pair, model, checkpoint, FLOAT, cache)
+    return Sides(hf_model, model, trajectory.tokens[:-1], programs, flatbuffer)
 
 
 def values(pair, sides: Sides, stage: str, points):
     """Every point's values on both sides of `stage`: (parent's, stage's)."""
-    from harness.localise import exported_points, run_points
+    from harness.localise import exported_points, run_points, tflite_points
 
     if stage == stages.EXPORTED:
         return exported_points(pair, sides.model, sides.programs, sides.tokens, points)
+    if stage == stages.TFLITE_FLOAT:
+        return tflite_points(pair, sides.model, sides.flatbuffer, sides.tokens, points)
     return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max)
 
 

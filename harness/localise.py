@@ -1,7 +1,7 @@
 """The divergence check: for a failing stage, the first matched point where it departs from its parent.
 
 Stages that can be localised are a table (`LOCALISERS`: stage -> function of the run state); today the
-re-authored model against HF, and the exported programs against the re-authored model. A divergence record is informational (status info): it never passes or fails
+re-authored model against HF, the exported programs and the float flatbuffer against the re-authored model. A divergence record is informational (status info): it never passes or fails
 a run, it says where the failure the gated checks found begins.
 """
 
@@ -48,6 +48,27 @@ def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: fl
     return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
 
 
+def _padded(pair, tokens: np.ndarray):
+    """The tokens cut to the longest prefill and padded to their signature: (tokens, padded, positions)."""
+    from harness.runners import signature_for
+
+    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
+    length = signature_for(len(tokens), pair.export.prefill_lens)
+    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
+    padded[0, :len(tokens)] = tokens
+    return tokens, padded, positions
+
+
+def _eager_padded(pair, model, padded, positions, points: list[Point]) -> dict:
+    """The eager re-authored model's points on the padded tokens of a prefill signature (every position)."""
+    from harness.runners import ReauthoredRunner
+
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(model, points, "reauthored", layout_of(model)) as reference:
+        runner.call(f"prefill_{padded.shape[1]}", padded, positions, runner.empty_kv())
+    return reference
+
+
 def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: list[Point]):
     """The eager re-authored model and the torch.export program of the tokens' prefill signature on the same
     padded tokens, every point recorded on the real positions: (re-authored values, exported values).
@@ -55,23 +76,39 @@ def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: lis
     apply; traced code calls no RoPE function, so q/k after RoPE are not recorded on the exported side."""
     import torch
 
-    from harness.runners import ReauthoredRunner, signature_for
+    from harness.runners import ReauthoredRunner
 
-    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
-    n, length = len(tokens), signature_for(len(tokens), pair.export.prefill_lens)
-    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
-    padded[0, :n] = tokens
-    layout = layout_of(model)
-    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
-    with capture(model, points, "reauthored", layout) as reference:
-        runner.call(f"prefill_{length}", padded, positions, runner.empty_kv())
+    tokens, padded, positions = _padded(pair, tokens)
+    n, length = len(tokens), padded.shape[1]
+    reference = _eager_padded(pair, model, padded, positions, points)
     unflattened = torch.export.unflatten(programs[f"prefill_{length}"])
     wrapper = next(name[:-len("tok_embedding")] for name, _ in unflattened.named_modules()
                    if name.endswith("tok_embedding"))  # the converter's wrapper, e.g. "module."
     traced = [dataclasses.replace(p, reauthored=wrapper + p.reauthored if p.reauthored else "") for p in points]
-    with capture(unflattened, traced, "reauthored", layout) as candidate, torch.no_grad():
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(unflattened, traced, "reauthored", layout_of(model)) as candidate, torch.no_grad():
         unflattened(tokens=torch.as_tensor(padded), input_pos=torch.as_tensor(positions), kv_cache=runner.empty_kv())
     return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def tflite_points(pair, model, flatbuffer, tokens: np.ndarray, points: list[Point]):
+    """The eager re-authored model and the float flatbuffer's prefill signature (no delegate, every tensor
+    kept: harness/tflite_points.py) on the same padded tokens: (re-authored values, flatbuffer values)."""
+    from harness.tflite_points import tflite_values
+
+    tokens, padded, positions = _padded(pair, tokens)
+    n = len(tokens)
+    reference = _eager_padded(pair, model, padded, positions, points)
+    candidate = tflite_values(flatbuffer, model, points, padded, positions,
+                              {name: value.shape[1] for name, value in reference.items()})
+    return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def localise_tflite(pair, model, flatbuffer, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The float flatbuffer's prefill against the eager re-authored model at the points it computes readably."""
+    points = pair_points(pair, model)
+    reference, candidate = tflite_points(pair, model, flatbuffer, tokens, points)
+    return compare(stages.TFLITE_FLOAT, points, reference, candidate, tolerance)
 
 
 def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
@@ -107,8 +144,14 @@ def _exported(state: RunState, prompt: int) -> Divergence:
                              tolerance(state, state.pair, stages.EXPORTED))
 
 
+def _tflite_float(state: RunState, prompt: int) -> Divergence:
+    return localise_tflite(state.pair, state.model, state.artifacts[stages.TFLITE_FLOAT],
+                           state.trajectories[prompt].tokens[:-1], tolerance(state, state.pair, stages.TFLITE_FLOAT))
+
+
 LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored,
-                                                                stages.EXPORTED: _exported}
+                                                                stages.EXPORTED: _exported,
+                                                                stages.TFLITE_FLOAT: _tflite_float}
 
 
 def describe(divergence: Divergence) -> str:
