@@ -154,6 +154,24 @@ LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORE
                                                                 stages.TFLITE_FLOAT: _tflite_float}
 
 
+def localisable(stage: str) -> bool:
+    """A stage the divergence step says something about: a localiser's, or a quantized stage (a ranking)."""
+    return stage in LOCALISERS or stages.is_quantized(stage)
+
+
+def rank_quantized(state: RunState, stage: str) -> CheckResult:
+    """A failing quantized stage's weight groups, each quantized alone, ranked by KL against the float
+    flatbuffer along the same trajectories (harness/quant_rank.py)."""
+    from harness import quant_rank
+
+    start = time.perf_counter()
+    ranking = quant_rank.rank(state.pair, state.model, stage, state.artifacts[stages.TFLITE_FLOAT],
+                              state.logits[stages.TFLITE_FLOAT], state.trajectories,
+                              pair_points(state.pair, state.model), num_threads=state.options.num_threads)
+    metrics = {**ranking.metrics(), "seconds": round(time.perf_counter() - start, 2)}
+    return CheckResult(state.pair.name, stage, stages.DIVERGENCE, INFO, metrics, {}, quant_rank.describe(ranking))
+
+
 def describe(divergence: Divergence) -> str:
     """The divergence in words: its first point, position, error and tolerance, or that nothing diverges."""
     first = divergence.first
@@ -177,7 +195,8 @@ def failing_prompt(results: list[CheckResult], stage: str) -> int:
 
 
 def localise_failures(state: RunState, results: list[CheckResult]) -> list[CheckResult]:
-    """One divergence record per failing stage that has a localiser, on the prompt where it fails worst."""
+    """One divergence record per failing stage that has a localiser, on the prompt where it fails worst, and
+    one ranking per failing quantized stage."""
     failing = {r.stage for r in results if r.status == FAIL}
     records = []
     for stage, localiser in LOCALISERS.items():
@@ -186,4 +205,7 @@ def localise_failures(state: RunState, results: list[CheckResult]) -> list[Check
             prompt = failing_prompt(results, stage)
             records.append(divergence_record(state.pair.name, localiser(state, prompt), prompt,
                                              time.perf_counter() - start))
+    for stage in sorted(s for s in failing if stages.is_quantized(s) and s in state.completed):
+        if stages.TFLITE_FLOAT in state.artifacts:
+            records.append(rank_quantized(state, stage))
     return records
