@@ -75,6 +75,7 @@ class Sides:
     tokens: np.ndarray
     programs: dict | None = None
     flatbuffer: Path | None = None
+    prompt_len: int | None = None  # the re-authored side prefills these and decodes the rest, as its stage does
 
 
 def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Sides:
@@ -100,7 +101,7 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Si
         from harness.convert import FLOAT, convert
 
         flatbuffer = convert(pair, model, checkpoint, FLOAT, cache)
-    return Sides(hf_model, model, trajectory.tokens[:-1], programs, flatbuffer)
+    return Sides(hf_model, model, trajectory.tokens[:-1], programs, flatbuffer, trajectory.prompt_len)
 
 
 def values(pair, sides: Sides, stage: str, points):
@@ -111,7 +112,7 @@ def values(pair, sides: Sides, stage: str, points):
         return exported_points(pair, sides.model, sides.programs, sides.tokens, points)
     if stage == stages.TFLITE_FLOAT:
         return tflite_points(pair, sides.model, sides.flatbuffer, sides.tokens, points)
-    return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max)
+    return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max, sides.prompt_len)
 
 
 def explain(pair, models_dirs, stage: str, prompt: int, gates, cache=None) -> Explanation:

@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from harness.pipeline import RunState
 
 
-def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cache_max: int):
-    """Both models on the same tokens (one prefill), every point recorded: (HF's values, the re-authored ones)."""
+def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cache_max: int,
+               prompt_len: int | None = None):
+    """Both models on the same tokens, every point recorded: (HF's values, the re-authored ones). HF runs one
+    forward; the re-authored model prefills the first `prompt_len` tokens and decodes the rest one at a time,
+    as its stage runs a trajectory (None: one prefill of all), so a defect of decoding shows at its position."""
     import torch
 
     from harness.runners import ReauthoredRunner
@@ -32,8 +35,17 @@ def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cach
     with capture(hf_model, points, "hf", layout) as reference, torch.no_grad():
         hf_model(torch.as_tensor(tokens, dtype=torch.long)[None])
     runner = ReauthoredRunner(model, kv_cache_max)
+    prompt_len = len(tokens) if prompt_len is None else min(prompt_len, len(tokens))
+    steps = []
     with capture(model, points, "reauthored", layout) as candidate:
-        runner.prefill(tokens, runner.empty_kv())
+        _, kv = runner.prefill(tokens[:prompt_len], runner.empty_kv())
+    steps.append(candidate)
+    for pos in range(prompt_len, len(tokens)):
+        with capture(model, points, "reauthored", layout) as step:
+            _, kv = runner.decode(int(tokens[pos]), pos, kv)
+        steps.append(step)
+    candidate = {name: np.concatenate([s[name] for s in steps]) for name in steps[0]
+                 if all(name in s for s in steps)}
     scale = model.config.embedding_scale
     embedding = next((p for p in points if p.name == "embedding"), None)
     if embedding and scale and hasattr(hf_model.get_submodule(embedding.hf), "embed_scale") and "embedding" in candidate:
@@ -41,10 +53,12 @@ def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cach
     return reference, candidate
 
 
-def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: float) -> Divergence:
-    """The re-authored model against HF at every matched point, on `tokens`."""
+def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: float,
+                        prompt_len: int | None = None) -> Divergence:
+    """The re-authored model against HF at every matched point, on `tokens` (prefilling `prompt_len` of them
+    and decoding the rest, or one prefill of all)."""
     points = pair_points(pair, model)
-    reference, candidate = run_points(hf_model, model, tokens, points, pair.export.kv_cache_max)
+    reference, candidate = run_points(hf_model, model, tokens, points, pair.export.kv_cache_max, prompt_len)
     return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
 
 
@@ -134,9 +148,9 @@ def _reauthored(state: RunState, prompt: int) -> Divergence:
     from harness.checkpoint import load_hf
 
     hf_model = load_hf(state.pair, state.checkpoint)
-    tokens = state.trajectories[prompt].tokens[:-1]
-    return localise_reauthored(state.pair, hf_model, state.model, tokens,
-                               tolerance(state, state.pair, stages.REAUTHORED))
+    trajectory = state.trajectories[prompt]
+    return localise_reauthored(state.pair, hf_model, state.model, trajectory.tokens[:-1],
+                               tolerance(state, state.pair, stages.REAUTHORED), trajectory.prompt_len)
 
 
 def _exported(state: RunState, prompt: int) -> Divergence:

@@ -193,6 +193,27 @@ class LeakyMaskTinyLlama(litert_tiny_llama.TinyLlama):
             self.mask_cache = torch.triu(torch.full_like(self.mask_cache, float("-inf")), diagonal=2)
 
 
+class OffByOneDecodeWriteTinyLlama(litert_tiny_llama.TinyLlama):
+    """Decoding writes the new token's K and V one slot too far (position + 1), so the step attends to an
+    empty slot instead of itself; prefill writes where it should. A defect only decoding shows."""
+
+    def forward(self, tokens, input_pos, kv_cache, mask=None, lora=None, export_config=None):
+        from litert_torch.generative.layers import kv_cache as kv_module
+
+        if tokens.shape[1] != 1:
+            return super().forward(tokens, input_pos, kv_cache, mask, lora, export_config)
+        update = kv_module.update
+
+        def shifted(cache, positions, k, v, *args, **kwargs):
+            return update(cache, positions + 1, k, v, *args, **kwargs)
+
+        kv_module.update = shifted  # attention.py calls kv_utils.update: the module's attribute, per call
+        try:
+            return super().forward(tokens, input_pos, kv_cache, mask, lora, export_config)
+        finally:
+            kv_module.update = update
+
+
 def planted(name: str, config=None, model_class=None):
     """tiny_llama with one planted defect, built by decoder_builder so its tensor-name map is the pair's own."""
     return dataclasses.replace(tiny_llama.PAIR, name=f"tiny_llama_{name}", reauthored=decoder_builder(
