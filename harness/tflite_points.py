@@ -62,14 +62,21 @@ def read_graph(path: Path, signature: str) -> Graph:
                  [(list(op.inputs), list(op.outputs)) for op in graph.operators])
 
 
+def positions_first(shape: tuple[int, ...], length: int) -> int | None:
+    """The axis a tensor holds positions on, read as [position, ...]: [1, length, ...] (batch first) or
+    [length, ...] (a Linear whose converter dropped the batch, as phi2's); None when it is neither."""
+    if len(shape) >= 2 and shape[:2] == (1, length):
+        return 1
+    return 0 if len(shape) >= 2 and shape[0] == length else None
+
+
 def find_tensor(graph: Graph, scope: str, take: str, length: int, size: int, linear: bool = False) -> int | None:
     """The tensor of a point: the last one its scope produces (take "output") or the first non-constant one
-    entering its scope (take "input"), laid out [1, length, ...] with `size` elements; None if there is none.
+    entering its scope (take "input"), positions first (`positions_first`) with `size` elements; None if none.
     A Linear's output must come from an operator holding the Linear's own weights: where the converter folded
     a caller's constant into them (gemma2's head, divided by the soft-cap), its product is not the module's."""
     def fits(t):
-        shape = graph.shapes[t]
-        return len(shape) >= 2 and shape[:2] == (1, length) and int(np.prod(shape)) == size
+        return positions_first(graph.shapes[t], length) is not None and int(np.prod(graph.shapes[t])) == size
 
     def inside(t):
         return graph.scope(t).endswith("/" + scope)
@@ -112,6 +119,6 @@ def tflite_values(path: Path, model, points: list[Point], padded: np.ndarray, po
         linear = type(model.get_submodule(p.reauthored)).__name__ == "Linear"
         tensor = find_tensor(graph, scope_of(model, p.reauthored), p.take, length, length * features[p.name], linear)
         if tensor is not None:
-            value = interpreter.get_tensor(tensor, graph.index)
-            values[p.name] = np.asarray(value, np.float64)[0].reshape(length, -1)
+            value = np.asarray(interpreter.get_tensor(tensor, graph.index), np.float64)
+            values[p.name] = (value[0] if positions_first(value.shape, length) == 1 else value).reshape(length, -1)
     return values
