@@ -43,6 +43,23 @@ def test_a_clean_flatbuffer_diverges_nowhere_at_every_readable_point(tiny_llama,
     assert max(errors) < divergence.tolerance / 10 and max(errors) > 0  # builtin kernels: float noise, not zero
 
 
+@pytest.mark.parametrize("name, count, absent", [
+    ("phi2", 13, "head"),  # its Linears drop the batch ([positions, features]): read as well
+    ("gemma2", 21, "head"),  # its head's weights carry the soft-cap's 1/cap folded in: not the module's output
+])
+def test_other_families_flatbuffers_diverge_nowhere(name, count, absent, pairs, cache, gates):
+    pair = pairs[name]
+    checkpoint = reference_checkpoint(pair, cache)
+    hf_model = load_hf(pair, checkpoint)
+    model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
+    trajectory, _ = greedy_trajectory(hf_model, make_prompts(pair)[0], pair.workload.new_tokens)
+    divergence = localise.localise_tflite(pair, model, convert(pair, model, checkpoint, FLOAT, cache),
+                                          trajectory.tokens[:-1], localise.tolerance(gates, pair, stages.TFLITE_FLOAT))
+    assert divergence.first is None, localise.describe(divergence)
+    names = [e.point.name for e in divergence.errors]
+    assert len(names) == count and absent not in names and "layers.1.mlp.down" in names, names
+
+
 def _skewed_layer_1_down(path):
     return variants.scale_flatbuffer_weights(path, path, block=1, linear="w2", factor=1.05)
 
