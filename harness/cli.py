@@ -90,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "intermediate points and prints the error at each and the first past the "
                                       "tolerance; writes a PNG curve of the errors and, when a point diverges, a "
                                       "script reproducing it (repro_<pair>_<stage>.py) to --out.",
-                          epilog="exit codes: 0 nothing diverges, 1 a point diverges, 2 usage error",
+                          epilog="exit codes: 0 nothing diverges, 1 a point diverges (a quantized stage: its mean KL "
+                                 "is past its budget), 2 usage error",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in (cfg.models_group, cfg.gates_group, cfg.cache_group):
         group(expl)
     cfg.output_group(expl, default="reports/explain")
-    expl.add_argument("--stage", default=stages.REAUTHORED, help="the stage to localise (default reauthored)")
+    expl.add_argument("--stage", default=stages.REAUTHORED, help="the stage to localise (default reauthored); a tflite_<recipe> stage is ranked by the KL each "
+                                                                "weight group costs quantized alone")
     expl.add_argument("--prompt", type=int, default=0, help="the workload prompt to run, by index (default 0)")
 
     bench = sub.add_parser("bench", help="XNNPack performance of the converted artifacts; gate against a baseline")
@@ -328,6 +330,16 @@ def cmd_explain(args) -> int:
     explain.check_prompt(pair, args.prompt)
     with ArtifactCache(Path(config.cache_dir), config.shared_cache) as cache:
         result = explain.explain(pair, config.models_dirs, args.stage, args.prompt, gates, cache)
+    if result.ranking is not None:  # a quantized stage: which weight groups its cost comes from
+        from harness import quant_rank
+
+        print(quant_rank.table(result.ranking))
+        print()
+        print(quant_rank.describe(result.ranking))
+        written = explain.write_explanation(Path(config.out), result)
+        print("wrote: " + ", ".join(display_path(p) for p in written))
+        over = result.budget is not None and result.ranking.mean_kl > result.budget
+        return EXIT_GATE_FAILED if over else EXIT_PASS
     print(explain.table(result.divergence))
     print()
     print(describe(result.divergence))

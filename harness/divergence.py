@@ -18,7 +18,7 @@ import numpy as np
 
 # What a point is called in words (the summary line): the last part of its name.
 LABELS = {"embedding": "token embedding", "input_norm": "input norm", "q": "q projection", "k": "k projection",
-          "v": "v projection", "q_rope": "q after RoPE", "k_rope": "k after RoPE", "output": "attention output",
+          "v": "v projection", "qkv": "attention q/k/v projection", "q_rope": "q after RoPE", "k_rope": "k after RoPE", "output": "attention output",
           "projection": "attention output projection", "post_attention_norm": "post-attention norm",
           "pre_ff_norm": "pre-MLP norm", "gate": "MLP gate projection", "up": "MLP up projection",
           "down": "MLP down projection", "post_ff_norm": "post-MLP norm", "final_norm": "final norm",

@@ -24,7 +24,9 @@ class Explanation:
     pair: str
     models_dirs: tuple[str, ...]  # as reports show them (relative to the project where they can be)
     prompt: int
-    divergence: Divergence
+    divergence: Divergence | None
+    ranking: object = None  # a quantized stage's harness.quant_rank.Ranking (then no divergence)
+    budget: float | None = None  # the quantized stage's max_mean_kl from the gates file
 
 
 def find_pair(name: str, models_dirs=()):
@@ -45,8 +47,8 @@ def check_stage(stage: str) -> None:
     """A stage explain can localise, or a one-line error saying which can."""
     from harness.localise import LOCALISERS
 
-    if stage not in LOCALISERS:
-        known = ", ".join(LOCALISERS)
+    if stage not in LOCALISERS and stage not in map(stages.tflite_stage, stages.QUANT_RECIPES):
+        known = ", ".join(LOCALISERS) + "; and ranks tflite_<recipe> for " + ", ".join(stages.QUANT_RECIPES)
         known_stages = {*stages.FLOAT_STAGES, *map(stages.tflite_stage, stages.QUANT_RECIPES)}
         what = "has no localiser yet" if stage in known_stages else "is not a stage"
         raise HarnessError(f"--stage {stage} {what}; explain localises: {known}")
@@ -65,12 +67,15 @@ def check_prompt(pair, prompt: int):
 @dataclasses.dataclass
 class Sides:
     """What a stage and its parent need to run: the HF original, the re-authored twin, the exported programs
-    (for `exported`), and the tokens of the prompt followed by HF's greedy continuation."""
+    (for `exported`) or the float flatbuffer (for `tflite_float`), and the tokens of the prompt followed by
+    HF's greedy continuation."""
 
     hf_model: object
     model: object
     tokens: np.ndarray
     programs: dict | None = None
+    flatbuffer: Path | None = None
+    prompt_len: int | None = None  # the re-authored side prefills these and decodes the rest, as its stage does
 
 
 def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Sides:
@@ -91,16 +96,23 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Si
         from harness.lowering import converter_signatures, export_programs
 
         programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
-    return Sides(hf_model, model, trajectory.tokens[:-1], programs)
+    flatbuffer = None
+    if stage == stages.TFLITE_FLOAT:  # from the cache, or converted once into it
+        from harness.convert import FLOAT, convert
+
+        flatbuffer = convert(pair, model, checkpoint, FLOAT, cache)
+    return Sides(hf_model, model, trajectory.tokens[:-1], programs, flatbuffer, trajectory.prompt_len)
 
 
 def values(pair, sides: Sides, stage: str, points):
     """Every point's values on both sides of `stage`: (parent's, stage's)."""
-    from harness.localise import exported_points, run_points
+    from harness.localise import exported_points, run_points, tflite_points
 
     if stage == stages.EXPORTED:
         return exported_points(pair, sides.model, sides.programs, sides.tokens, points)
-    return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max)
+    if stage == stages.TFLITE_FLOAT:
+        return tflite_points(pair, sides.model, sides.flatbuffer, sides.tokens, points)
+    return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max, sides.prompt_len)
 
 
 def explain(pair, models_dirs, stage: str, prompt: int, gates, cache=None) -> Explanation:
@@ -109,10 +121,42 @@ def explain(pair, models_dirs, stage: str, prompt: int, gates, cache=None) -> Ex
     from harness.localise import tolerance
 
     check_stage(stage)
+    if stages.is_quantized(stage):
+        return explain_quantized(pair, models_dirs, stage, gates, cache)
     sides = rebuild(pair, prompt, stage, cache)
     points = pair_points(pair, sides.model)
     divergence = compare(stage, points, *values(pair, sides, stage, points), tolerance(gates, pair, stage))
     return Explanation(pair.name, tuple(display_path(d) for d in models_dirs), prompt, divergence)
+
+
+def explain_quantized(pair, models_dirs, stage: str, gates, cache=None) -> Explanation:
+    """Ranks the weight groups of a quantized stage by the KL each costs quantized alone, over every prompt's
+    trajectory (harness/quant_rank.py), against the float flatbuffer on the same trajectories."""
+    from harness import quant_rank
+    from harness.cache import ArtifactCache
+    from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
+    from harness.config import default_cache_dir
+    from harness.convert import FLOAT, convert
+    from harness.divergence import pair_points
+    from harness.gates import gate_for
+    from harness.runners import TFLiteRunner, run_trajectory
+    from harness.workload import greedy_trajectory, make_prompts
+
+    if stages.recipe_of(stage) not in pair.quant_recipes:
+        raise HarnessError(f"--stage {stage}: recipe {stages.recipe_of(stage)} does not apply to {pair.name} "
+                           f"(its recipes: {', '.join(pair.quant_recipes)})")
+    cache = cache or ArtifactCache(Path(default_cache_dir()))
+    checkpoint = reference_checkpoint(pair, cache)
+    hf_model = load_hf(pair, checkpoint)
+    model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
+    trajectories = [greedy_trajectory(hf_model, p, pair.workload.new_tokens)[0] for p in make_prompts(pair)]
+    flatbuffer = convert(pair, model, checkpoint, FLOAT, cache)
+    runner = TFLiteRunner(flatbuffer, pair.export.prefill_lens, pair.export.kv_cache_max, 1)
+    float_logits = [run_trajectory(runner, t) for t in trajectories]
+    runner.release()
+    ranking = quant_rank.rank(pair, model, stage, flatbuffer, float_logits, trajectories, pair_points(pair, model))
+    budget = gate_for(gates, pair, stage, stages.QUANT_ACCURACY).thresholds.get("max_mean_kl")
+    return Explanation(pair.name, tuple(display_path(d) for d in models_dirs), 0, None, ranking, budget)
 
 
 def values_at(pair, sides: Sides, stage: str, point_name: str):
@@ -204,8 +248,17 @@ def repro_script(explanation: Explanation) -> str:
 
 
 def write_explanation(out: Path, explanation: Explanation) -> list[Path]:
-    """The error curve (PNG) and, when something diverges, the reproduction script; returns what was written."""
+    """The error curve (PNG) and, when something diverges, the reproduction script; returns what was written.
+    A quantized stage's ranking is written as its table."""
     from harness.report import write_report
+
+    if explanation.ranking is not None:
+        from harness import quant_rank
+
+        path = Path(out) / f"ranking_{explanation.pair}_{explanation.ranking.stage}.txt"
+        write_report(path, quant_rank.describe(explanation.ranking) + "\n\n" + quant_rank.table(explanation.ranking)
+                     + "\n")
+        return [path]
 
     stage = explanation.divergence.stage
     written = [plot(explanation.divergence, Path(out) / f"divergence_{explanation.pair}_{stage}.png")]

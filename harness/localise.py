@@ -1,7 +1,7 @@
 """The divergence check: for a failing stage, the first matched point where it departs from its parent.
 
 Stages that can be localised are a table (`LOCALISERS`: stage -> function of the run state); today the
-re-authored model against HF, and the exported programs against the re-authored model. A divergence record is informational (status info): it never passes or fails
+re-authored model against HF, the exported programs and the float flatbuffer against the re-authored model. A divergence record is informational (status info): it never passes or fails
 a run, it says where the failure the gated checks found begins.
 """
 
@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from harness.pipeline import RunState
 
 
-def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cache_max: int):
-    """Both models on the same tokens (one prefill), every point recorded: (HF's values, the re-authored ones)."""
+def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cache_max: int,
+               prompt_len: int | None = None):
+    """Both models on the same tokens, every point recorded: (HF's values, the re-authored ones). HF runs one
+    forward; the re-authored model prefills the first `prompt_len` tokens and decodes the rest one at a time,
+    as its stage runs a trajectory (None: one prefill of all), so a defect of decoding shows at its position."""
     import torch
 
     from harness.runners import ReauthoredRunner
@@ -32,8 +35,17 @@ def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cach
     with capture(hf_model, points, "hf", layout) as reference, torch.no_grad():
         hf_model(torch.as_tensor(tokens, dtype=torch.long)[None])
     runner = ReauthoredRunner(model, kv_cache_max)
+    prompt_len = len(tokens) if prompt_len is None else min(prompt_len, len(tokens))
+    steps = []
     with capture(model, points, "reauthored", layout) as candidate:
-        runner.prefill(tokens, runner.empty_kv())
+        _, kv = runner.prefill(tokens[:prompt_len], runner.empty_kv())
+    steps.append(candidate)
+    for pos in range(prompt_len, len(tokens)):
+        with capture(model, points, "reauthored", layout) as step:
+            _, kv = runner.decode(int(tokens[pos]), pos, kv)
+        steps.append(step)
+    candidate = {name: np.concatenate([s[name] for s in steps]) for name in steps[0]
+                 if all(name in s for s in steps)}
     scale = model.config.embedding_scale
     embedding = next((p for p in points if p.name == "embedding"), None)
     if embedding and scale and hasattr(hf_model.get_submodule(embedding.hf), "embed_scale") and "embedding" in candidate:
@@ -41,11 +53,34 @@ def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cach
     return reference, candidate
 
 
-def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: float) -> Divergence:
-    """The re-authored model against HF at every matched point, on `tokens`."""
+def localise_reauthored(pair, hf_model, model, tokens: np.ndarray, tolerance: float,
+                        prompt_len: int | None = None) -> Divergence:
+    """The re-authored model against HF at every matched point, on `tokens` (prefilling `prompt_len` of them
+    and decoding the rest, or one prefill of all)."""
     points = pair_points(pair, model)
-    reference, candidate = run_points(hf_model, model, tokens, points, pair.export.kv_cache_max)
+    reference, candidate = run_points(hf_model, model, tokens, points, pair.export.kv_cache_max, prompt_len)
     return compare(stages.REAUTHORED, points, reference, candidate, tolerance)
+
+
+def _padded(pair, tokens: np.ndarray):
+    """The tokens cut to the longest prefill and padded to their signature: (tokens, padded, positions)."""
+    from harness.runners import signature_for
+
+    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
+    length = signature_for(len(tokens), pair.export.prefill_lens)
+    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
+    padded[0, :len(tokens)] = tokens
+    return tokens, padded, positions
+
+
+def _eager_padded(pair, model, padded, positions, points: list[Point]) -> dict:
+    """The eager re-authored model's points on the padded tokens of a prefill signature (every position)."""
+    from harness.runners import ReauthoredRunner
+
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(model, points, "reauthored", layout_of(model)) as reference:
+        runner.call(f"prefill_{padded.shape[1]}", padded, positions, runner.empty_kv())
+    return reference
 
 
 def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: list[Point]):
@@ -55,23 +90,39 @@ def exported_points(pair, model, programs: dict, tokens: np.ndarray, points: lis
     apply; traced code calls no RoPE function, so q/k after RoPE are not recorded on the exported side."""
     import torch
 
-    from harness.runners import ReauthoredRunner, signature_for
+    from harness.runners import ReauthoredRunner
 
-    tokens = tokens[:max(pair.export.prefill_lens)]  # the longest prefill: the exported programs' own positions
-    n, length = len(tokens), signature_for(len(tokens), pair.export.prefill_lens)
-    padded, positions = np.zeros((1, length), np.int32), np.arange(length, dtype=np.int32)
-    padded[0, :n] = tokens
-    layout = layout_of(model)
-    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
-    with capture(model, points, "reauthored", layout) as reference:
-        runner.call(f"prefill_{length}", padded, positions, runner.empty_kv())
+    tokens, padded, positions = _padded(pair, tokens)
+    n, length = len(tokens), padded.shape[1]
+    reference = _eager_padded(pair, model, padded, positions, points)
     unflattened = torch.export.unflatten(programs[f"prefill_{length}"])
     wrapper = next(name[:-len("tok_embedding")] for name, _ in unflattened.named_modules()
                    if name.endswith("tok_embedding"))  # the converter's wrapper, e.g. "module."
     traced = [dataclasses.replace(p, reauthored=wrapper + p.reauthored if p.reauthored else "") for p in points]
-    with capture(unflattened, traced, "reauthored", layout) as candidate, torch.no_grad():
+    runner = ReauthoredRunner(model, pair.export.kv_cache_max)
+    with capture(unflattened, traced, "reauthored", layout_of(model)) as candidate, torch.no_grad():
         unflattened(tokens=torch.as_tensor(padded), input_pos=torch.as_tensor(positions), kv_cache=runner.empty_kv())
     return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def tflite_points(pair, model, flatbuffer, tokens: np.ndarray, points: list[Point]):
+    """The eager re-authored model and the float flatbuffer's prefill signature (no delegate, every tensor
+    kept: harness/tflite_points.py) on the same padded tokens: (re-authored values, flatbuffer values)."""
+    from harness.tflite_points import tflite_values
+
+    tokens, padded, positions = _padded(pair, tokens)
+    n = len(tokens)
+    reference = _eager_padded(pair, model, padded, positions, points)
+    candidate = tflite_values(flatbuffer, model, points, padded, positions,
+                              {name: value.shape[1] for name, value in reference.items()})
+    return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def localise_tflite(pair, model, flatbuffer, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The float flatbuffer's prefill against the eager re-authored model at the points it computes readably."""
+    points = pair_points(pair, model)
+    reference, candidate = tflite_points(pair, model, flatbuffer, tokens, points)
+    return compare(stages.TFLITE_FLOAT, points, reference, candidate, tolerance)
 
 
 def localise_exported(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
@@ -97,9 +148,9 @@ def _reauthored(state: RunState, prompt: int) -> Divergence:
     from harness.checkpoint import load_hf
 
     hf_model = load_hf(state.pair, state.checkpoint)
-    tokens = state.trajectories[prompt].tokens[:-1]
-    return localise_reauthored(state.pair, hf_model, state.model, tokens,
-                               tolerance(state, state.pair, stages.REAUTHORED))
+    trajectory = state.trajectories[prompt]
+    return localise_reauthored(state.pair, hf_model, state.model, trajectory.tokens[:-1],
+                               tolerance(state, state.pair, stages.REAUTHORED), trajectory.prompt_len)
 
 
 def _exported(state: RunState, prompt: int) -> Divergence:
@@ -107,8 +158,32 @@ def _exported(state: RunState, prompt: int) -> Divergence:
                              tolerance(state, state.pair, stages.EXPORTED))
 
 
+def _tflite_float(state: RunState, prompt: int) -> Divergence:
+    return localise_tflite(state.pair, state.model, state.artifacts[stages.TFLITE_FLOAT],
+                           state.trajectories[prompt].tokens[:-1], tolerance(state, state.pair, stages.TFLITE_FLOAT))
+
+
 LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored,
-                                                                stages.EXPORTED: _exported}
+                                                                stages.EXPORTED: _exported,
+                                                                stages.TFLITE_FLOAT: _tflite_float}
+
+
+def localisable(stage: str) -> bool:
+    """A stage the divergence step says something about: a localiser's, or a quantized stage (a ranking)."""
+    return stage in LOCALISERS or stages.is_quantized(stage)
+
+
+def rank_quantized(state: RunState, stage: str) -> CheckResult:
+    """A failing quantized stage's weight groups, each quantized alone, ranked by KL against the float
+    flatbuffer along the same trajectories (harness/quant_rank.py)."""
+    from harness import quant_rank
+
+    start = time.perf_counter()
+    ranking = quant_rank.rank(state.pair, state.model, stage, state.artifacts[stages.TFLITE_FLOAT],
+                              state.logits[stages.TFLITE_FLOAT], state.trajectories,
+                              pair_points(state.pair, state.model), num_threads=state.options.num_threads)
+    metrics = {**ranking.metrics(), "seconds": round(time.perf_counter() - start, 2)}
+    return CheckResult(state.pair.name, stage, stages.DIVERGENCE, INFO, metrics, {}, quant_rank.describe(ranking))
 
 
 def describe(divergence: Divergence) -> str:
@@ -134,7 +209,8 @@ def failing_prompt(results: list[CheckResult], stage: str) -> int:
 
 
 def localise_failures(state: RunState, results: list[CheckResult]) -> list[CheckResult]:
-    """One divergence record per failing stage that has a localiser, on the prompt where it fails worst."""
+    """One divergence record per failing stage that has a localiser, on the prompt where it fails worst, and
+    one ranking per failing quantized stage."""
     failing = {r.stage for r in results if r.status == FAIL}
     records = []
     for stage, localiser in LOCALISERS.items():
@@ -143,4 +219,7 @@ def localise_failures(state: RunState, results: list[CheckResult]) -> list[Check
             prompt = failing_prompt(results, stage)
             records.append(divergence_record(state.pair.name, localiser(state, prompt), prompt,
                                              time.perf_counter() - start))
+    for stage in sorted(s for s in failing if stages.is_quantized(s) and s in state.completed):
+        if stages.TFLITE_FLOAT in state.artifacts:
+            records.append(rank_quantized(state, stage))
     return records

@@ -22,7 +22,7 @@ from harness.cache import ArtifactCache
 from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gate, Gates, gate_for, load_gates
-from harness.localise import LOCALISERS, localise_failures
+from harness.localise import localisable, localise_failures
 from harness.memory import peak_rss_mb, release_freed
 from harness.pairs import ModelPair, resolve
 from harness.paths import scrub
@@ -310,7 +310,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     with options.cache.scope() as tally:
         for spec in planned_stages(pair, options):
             _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
-        if {r.stage for r in report.results if r.status == FAIL} & set(LOCALISERS):  # say where a failure begins
+        if any(localisable(r.stage) for r in report.results if r.status == FAIL):  # say where a failure begins
             _run_step(report, state, stages.DIVERGENCE, (), functools.partial(localise_failures, state, report.results),
                       progress)
         for recipe in planned_recipes(pair, options):

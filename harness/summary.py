@@ -151,6 +151,9 @@ def render_matrix(document: dict[str, Any], fmt: str = "github") -> str:
 def divergence_line(record: dict[str, Any]) -> str:
     """A divergence record in one line: where a failing stage first departs from its parent."""
     m = record["metrics"]
+    if "ranking" in m:  # a quantized stage: where its cost comes from (harness/quant_rank.py)
+        return (f"quantization cost: {record['stage']}, mean KL {_fmt(m['mean_kl'])} against tflite_float, mostly "
+                f"{m['label']} ({_fmt(m['ranking'].get(m['point'], 0.0))} quantized alone)")
     if m.get("point") is None:
         return f"nothing diverges: {record['stage']} within {_fmt(m['tolerance'])} at every matched point"
     return (f"first divergence: {record['stage']}, {m['label']}, position {m['position']} "

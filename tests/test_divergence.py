@@ -112,9 +112,9 @@ def test_a_failing_run_carries_one_divergence_record_and_its_summary_line(all_pa
                                           "layers.0.attention.k", "layers.0.attention.v", "layers.0.attention.q_rope"]
     document = report.parity_document({}, rep.results, {pair.name: {}})
     summary = report.render_summary(document)
-    failures = summary.split("## Failures", 1)[1]
+    failures = summary.split("## Failures", 1)[1].split("## Pairs", 1)[0]  # the failure list leads the details
     # Under the stage's first failure, and leading the pair's folded table.
-    assert "\n  - first divergence: reauthored, layer 0 q after RoPE, position 1 (" in failures.split("## Pairs")[0]
+    assert "\n  - first divergence: reauthored, layer 0 q after RoPE, position 1 (" in failures
     section = summary.split(f"<details><summary>{pair.name}: FAIL", 1)[1].split("</summary>", 1)[1].lstrip("\n")
     assert section.startswith("first divergence: reauthored, layer 0 q after RoPE, position 1 ("), section[:200]
 
@@ -156,3 +156,21 @@ def test_a_pair_without_a_tensor_name_map_is_refused(pairs, cache):
     pair = dataclasses.replace(pairs["tiny_llama"], reauthored=lambda *a: None)
     with pytest.raises(HarnessError, match="names a tensor-name map"):
         pair_points(pair, object())
+
+
+def test_a_kv_cache_write_off_by_one_in_decoding_is_found_at_the_first_decoded_position(all_pairs, options):
+    """Decode-only: the divergence step prefills the prompt and decodes the rest, as the stage ran it, so the
+    first point past tolerance is layer 0's attention output at the prompt's length, every earlier one clean."""
+    pair = all_pairs["tiny_llama_kv_write_off_by_one"]
+    rep = verify_pair(pair, options.derive(stages=(stages.REAUTHORED,)))
+    records = [r for r in rep.results if r.check == stages.DIVERGENCE]
+    assert [r.stage for r in records] == [stages.REAUTHORED], [(r.stage, r.check, r.status) for r in rep.results]
+    metrics, prompt = records[0].metrics, records[0].metrics["prompt"]
+    prompt_len = len(make_prompts(pair)[prompt])
+    assert (metrics["point"], metrics["position"]) == ("layers.0.attention.output", prompt_len), records[0].message
+    points = list(metrics["points"])
+    before = [metrics["points"][p] for p in points[:points.index("layers.0.attention.output")]]
+    assert len(before) == 7 and max(before) < metrics["tolerance"]  # q/k/v, even after RoPE, are right
+    # One prefill of the same tokens writes every slot where it should: nothing diverges that way.
+    prefilled = localised(pair, options.cache, options.gates, prompt)
+    assert prefilled.first is None, localise.describe(prefilled)

@@ -79,7 +79,7 @@ def test_explain_exported_finds_an_export_only_skew_and_its_repro_shows_it(tmp_p
     (["--models", "tiny_llama,phi2"], "explain localises one pair"),
     (["--models", "tiny_llama", "--stage", "tflite_magic"], "--stage tflite_magic is not a stage"),
     (["--models", "tiny_llama", "--stage", "stablehlo"], "--stage stablehlo has no localiser yet; explain localises: "
-                                                         "reauthored, exported"),
+                                                         "reauthored, exported, tflite_float"),
     (["--models", "tiny_llama", "--prompt", "7"], "--prompt 7: pair tiny_llama has prompts 0..2"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_no_heavy_library(tmp_path, args, fragment):

@@ -193,7 +193,73 @@ class LeakyMaskTinyLlama(litert_tiny_llama.TinyLlama):
             self.mask_cache = torch.triu(torch.full_like(self.mask_cache, float("-inf")), diagonal=2)
 
 
+class OffByOneDecodeWriteTinyLlama(litert_tiny_llama.TinyLlama):
+    """Decoding writes the new token's K and V one slot too far (position + 1), so the step attends to an
+    empty slot instead of itself; prefill writes where it should. A defect only decoding shows."""
+
+    def forward(self, tokens, input_pos, kv_cache, mask=None, lora=None, export_config=None):
+        from litert_torch.generative.layers import kv_cache as kv_module
+
+        if tokens.shape[1] != 1:
+            return super().forward(tokens, input_pos, kv_cache, mask, lora, export_config)
+        update = kv_module.update
+
+        def shifted(cache, positions, k, v, *args, **kwargs):
+            return update(cache, positions + 1, k, v, *args, **kwargs)
+
+        kv_module.update = shifted  # attention.py calls kv_utils.update: the module's attribute, per call
+        try:
+            return super().forward(tokens, input_pos, kv_cache, mask, lora, export_config)
+        finally:
+            kv_module.update = update
+
+
 def planted(name: str, config=None, model_class=None):
     """tiny_llama with one planted defect, built by decoder_builder so its tensor-name map is the pair's own."""
     return dataclasses.replace(tiny_llama.PAIR, name=f"tiny_llama_{name}", reauthored=decoder_builder(
         config or tiny_llama.reauthored_config, litert_tiny_llama.TENSOR_NAMES, model_class or litert_tiny_llama.TinyLlama))
+
+
+# --- defects only a flatbuffer has ----------------------------------------------------------------------
+
+def scale_flatbuffer_weights(path, out, block: int, linear: str, factor: float) -> int:
+    """Writes a copy of a flatbuffer whose float weights of block `block`'s Linear `linear` (by the tensor
+    names the converter gives them, e.g. ".../TransformerBlock_1/.../Linear_w2;") are scaled by `factor`: a
+    conversion defect at one known module that no PyTorch stage sees. Returns how many buffers moved."""
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    done = set()
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+            scope = name.split(";", 1)[0]
+            buffer = model.buffers[tensor.buffer]
+            if (f"TransformerBlock_{block}/" not in scope or not scope.endswith(f".Linear_{linear}")
+                    or tensor.type != 0 or tensor.buffer in done or buffer.data is None or len(buffer.data) == 0):
+                continue
+            done.add(tensor.buffer)
+            values = np.frombuffer(bytes(buffer.data), np.float32) * np.float32(factor)
+            buffer.data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)
+    for buffer in model.buffers:  # offset-stored buffers come back as bytes: write them as arrays
+        if buffer.data is not None and not isinstance(buffer.data, np.ndarray):
+            buffer.data = np.frombuffer(buffer.data, np.uint8)
+    flatbuffer_utils.write_model(model, str(out))
+    return len(done)
+
+
+def converting_with(monkeypatch, defect) -> list[int]:
+    """Patches litert-torch's converter so every flatbuffer it writes is rewritten by `defect(path)`, which
+    returns how many things it changed; returns those counts as conversions happen."""
+    from litert_torch.generative.utilities import converter
+
+    convert_to_tflite, counts = converter.convert_to_tflite, []
+
+    def defective(*args, **kwargs):
+        path = convert_to_tflite(*args, **kwargs)
+        counts.append(defect(path))
+        return path
+
+    monkeypatch.setattr(converter, "convert_to_tflite", defective)
+    return counts
