@@ -132,7 +132,8 @@ def main(argv: list[str]) -> int:
     module, function = HANDLERS.get(job["kind"], job["kind"]).split(":")
     handler = getattr(importlib.import_module(module), function)
     channel = Channel(Path(argv[1]))
-    signal.signal(signal.SIGINT, _interrupt_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (a background job
+        signal.signal(signal.SIGINT, _interrupt_once)         # of a script): stay as the parent does
     try:
         result = handler(job["payload"], channel)
     except KeyboardInterrupt:  # the partial result written so far stays; the parent reports the stop

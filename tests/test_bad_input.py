@@ -156,6 +156,9 @@ def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
     proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", "--models", "tiny_llama,smollm2", *FAST,
                              "--out", str(out), "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            # As from a terminal: Ctrl-C acts (a job a script started in the background
+                            # inherits it ignored, and then neither the harness nor its child stops).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     seen = []
     for line in proc.stdout:
