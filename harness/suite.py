@@ -7,7 +7,6 @@ atomically after every pair). Each pair's child receives the same RunConfig as J
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +14,7 @@ from harness import child, report, stages
 from harness.config import RunConfig
 from harness.pairs import ModelPair, discover, scan, select, unknown_model_message
 from harness.paths import display_path, scrub
-from harness.pipeline import ExtraCheck, PairReport, RunOptions, planned_stages, verify_pair
+from harness.pipeline import ExtraCheck, PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.provenance import harness_commit
 from harness.records import COMPLETE, ERROR, INTERRUPTED, NOT_RUN, RUNNING, CheckResult, run_metadata
 
@@ -46,14 +45,23 @@ def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
     options = RunOptions.open(config, verify_checks(config))
     done = PairReport(pair.name, [], {}, {})
 
-    def progress(model, stage, seconds, produced):
-        done.results.extend(produced)
-        done.timings[stage] = seconds
+    def tell(model, stage, seconds, produced):
         channel.partial(report_to_json(done))  # saved before it is told: a child stopped after the line keeps it
         channel.event(progress=format_progress(model, stage, seconds, produced))
 
     with options.cache:
-        return report_to_json(verify_pair(pair, options, progress))
+        return report_to_json(verify_pair(pair, options, collecting(done, tell)))
+
+
+def collecting(done: PairReport, tell: Progress) -> Progress:
+    """A progress callback that first keeps each finished stage in `done`, then tells: what was said is kept."""
+
+    def progress(model, stage, seconds, produced):
+        done.results.extend(produced)
+        done.timings[stage] = seconds
+        tell(model, stage, seconds, produced)
+
+    return progress
 
 
 class PairInterrupted(KeyboardInterrupt):
@@ -104,14 +112,9 @@ def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: 
 def run_in_process(pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
     """One pair in this process (--in-process); Ctrl-C keeps the stages it finished, as in a child."""
     done = PairReport(pair.name, [], {}, {})
-
-    def progress(model, stage, seconds, produced):
-        done.results.extend(produced)
-        done.timings[stage] = seconds
-        echo(format_progress(model, stage, seconds, produced))
-
     try:
-        return verify_pair(pair, options, progress)
+        return verify_pair(pair, options, collecting(
+            done, lambda model, stage, seconds, produced: echo(format_progress(model, stage, seconds, produced))))
     except KeyboardInterrupt:
         raise PairInterrupted(_stopped_report(pair, options, done)) from None
 
@@ -134,7 +137,7 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     run = run_metadata(gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
                        models=[p.name for p in pairs] + unknown,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
-                       harness=harness_commit(), gates_sha256=file_digest(config.gates),
+                       harness=harness_commit(), gates_sha256=gates_digest(config.gates),
                        **{k: v for k, v in narrowed.items() if k != "said"})
     results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known, broken))
                for name in unknown]
@@ -174,10 +177,12 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     return document
 
 
-def file_digest(path: str) -> str | None:
-    """sha256 of a file (the gates): shards merge only when they were judged by the same one."""
+def gates_digest(path: str) -> str | None:
+    """sha256 of the gates file: shards merge only when they were judged by the same one."""
+    from harness.cache import file_digest
+
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_digest(Path(path))
     except OSError:
         return None
 
