@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.pairs import DEFAULT_SUITE, FULL_SUITE
 from harness.paths import PROJECT_ROOT
 
 GATES_FILE = "harness/gates.toml"
@@ -112,13 +113,44 @@ def reasons_by_pair(files: list[str], gates: dict[str, str], root: Path = PROJEC
     return reasons
 
 
-def affected(base: str, known: list[str], root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
-    """The known pairs the change since `base` touches, each with its reasons, in `known`'s order."""
+def touched(base: str, root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
+    """Why the change since `base` touches each pair, by name ({ALL: reasons} for what touches every pair)."""
     files = changed_files(base, root)
     gates = gates_changes(base, root) if GATES_FILE in files else {}
-    reasons = reasons_by_pair(files, gates, root)
+    return reasons_by_pair(files, gates, root)
+
+
+def of_known(reasons: dict[str, list[str]], known: list[str]) -> dict[str, list[str]]:
+    """The known pairs among `touched`'s reasons, each with its own reasons and those of every pair, in `known`'s order."""
     every = reasons.get(ALL, [])
     return {name: reasons.get(name, []) + every for name in known if reasons.get(name) or every}
+
+
+def affected(base: str, known: list[str], root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
+    """The known pairs the change since `base` touches, each with its reasons, in `known`'s order."""
+    return of_known(touched(base, root), known)
+
+
+def suite_to_run(reasons: dict[str, list[str]], suites: dict[str, tuple[str, ...]]) -> str:
+    """The suite a PR must verify: `full` when a pair that only the full suite holds (the real model) is touched
+    by a change of its own (its file, golden or gates tables), else `default`. A change every pair shares
+    (harness code, dependencies) leaves such a pair to the nightly full run, and the report says so."""
+    own = [name for name in reasons if name != ALL and name in suites and DEFAULT_SUITE not in suites[name]]
+    return FULL_SUITE if own else DEFAULT_SUITE
+
+
+def outside_suite(touched_pairs: dict[str, list[str]], suite: str, suites: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The touched pairs a run of `suite` does not verify, with why they are touched."""
+    return {name: why for name, why in touched_pairs.items() if suite not in suites.get(name, (suite,))}
+
+
+def plan(base: str, reasons: dict[str, list[str]], names: list[str], suites: dict[str, tuple[str, ...]]) -> dict:
+    """What `harness affected --json` tells CI: the touched pairs with why, the suite that verifies them, and
+    the touched pairs that suite leaves to the nightly full run."""
+    pairs = of_known(reasons, names)
+    suite = suite_to_run(reasons, suites)
+    return {"base": base, "pairs": list(pairs), "reasons": pairs, "suite": suite,
+            "left_to_nightly": list(outside_suite(pairs, suite, suites))}
 
 
 def describe_skipped(base: str, skipped: list[str]) -> str:

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "tests and docs none.")
     affected.add_argument("--base", required=True, metavar="REF", help="git ref the change is measured from, "
                                                                        "e.g. origin/main")
-    affected.add_argument("--json", action="store_true", help="print {base, pairs, reasons} as JSON (for CI)")
+    affected.add_argument("--json", action="store_true", help="print {base, pairs, reasons, suite, left_to_nightly} as JSON (for CI)")
     affected.add_argument("--models-dir", dest="models_dirs", action="append", default=None)
 
     rep = sub.add_parser("report", help="reports: `report merge` joins the reports of shards")
@@ -273,27 +273,29 @@ def cmd_bench(args) -> int:
     return EXIT_GATE_FAILED if document["verdict"] == "fail" else EXIT_PASS
 
 
-def _all_names(models_dirs) -> list[str]:
-    """Every pair name, broken files' included, in the registry's order (the order a run selects them in)."""
+def _registry(models_dirs) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Every pair name, broken files' included, in the registry's order (the order a run selects them in), and
+    the suites of each pair that loads."""
     from harness.pairs import scan
 
     known, broken = scan(tuple(Path(d) for d in models_dirs or ()))
-    return [*known, *(n for n in broken if n not in known)]
+    return [*known, *(n for n in broken if n not in known)], {n: p.suites for n, p in known.items()}
 
 
 def cmd_affected(args) -> int:
     import json
 
-    from harness.affected import affected
+    from harness.affected import plan, touched
 
-    touched = affected(args.base, _all_names(args.models_dirs))
+    names, suites = _registry(args.models_dirs)
+    found = plan(args.base, touched(args.base), names, suites)
     if args.json:
-        print(json.dumps({"base": args.base, "pairs": list(touched), "reasons": touched}))
+        print(json.dumps(found))
         return EXIT_PASS
-    for name, reasons in touched.items():
-        print(f"{name}: {'; '.join(reasons)}")
-    if not touched:
-        print(f"no pair is touched by the change since {args.base}")
+    for name, why in found["reasons"].items():
+        later = " (left to the nightly full run)" if name in found["left_to_nightly"] else ""
+        print(f"{name}: {'; '.join(why)}{later}")
+    print(f"suite to verify: {found['suite']}" if found["pairs"] else f"no pair is touched by the change since {args.base}")
     return EXIT_PASS
 
 
@@ -303,7 +305,7 @@ def cmd_report(args) -> int:
 
     out = Path(args.out)
     cfg.check_writable(out)
-    document = shards.merge([shards.read_document(Path(d)) for d in args.dirs], _all_names(args.models_dirs))
+    document = shards.merge([shards.read_document(Path(d)) for d in args.dirs], _registry(args.models_dirs)[0])
     report.write_reports(out, document, final=True)
     if args.junit:
         report.write_report(Path(args.junit), junit.render_junit(document))

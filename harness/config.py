@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import stages
 from harness.errors import HarnessError
+from harness.pairs import DEFAULT_SUITE, SUITES
 
 
 VERBOSE_ENV = "EDGE_PARITY_VERBOSE"  # set by `harness -v` for the whole run, children included
@@ -44,7 +45,7 @@ class RunConfig:
     """Every setting of a run of model pairs; the same object, as JSON, configures each child process."""
 
     models: tuple[str, ...] | None = dataclasses.field(default=None, **_help("pair names; None: the suite"))
-    suite: str = dataclasses.field(default="default", **_help("the suite run when no models are named"))
+    suite: str = dataclasses.field(default=DEFAULT_SUITE, **_help("the suite run when no models are named"))
     models_dirs: tuple[str, ...] = dataclasses.field(default=(), **_help("extra folders of pair files"))
     gates: str = dataclasses.field(default_factory=_default_gates, **_help("the gates TOML file"))
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir, **_help("the shared artifact cache"))
@@ -69,8 +70,8 @@ class RunConfig:
 
     def validate(self, command: str = "verify") -> RunConfig:
         """Checks across fields, before any work: a bad setting is a one-line error (exit 2), not a late crash."""
-        if self.suite not in ("default", "full"):
-            raise HarnessError(f"unknown suite {self.suite!r}; choose default or full")
+        if self.suite not in SUITES:
+            raise HarnessError(f"unknown suite {self.suite!r}; choose {' or '.join(SUITES)}")
         if not self.threads or min(self.threads) < 1:
             raise HarnessError(f"--threads {','.join(map(str, self.threads))}: give positive integers, e.g. 1,2")
         if command != "bench" and len(self.threads) != 1:
@@ -166,7 +167,7 @@ def _threads(value: str) -> tuple[int, ...]:
 
 def models_group(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_names, default=None, help="comma list of pair names (default: the suite's pairs)")
-    parser.add_argument("--suite", default=None, choices=["default", "full"], help="the suite run when no --models (default: default)")
+    parser.add_argument("--suite", default=None, choices=list(SUITES), help="the suite run when no --models (default: default)")
     parser.add_argument("--models-dir", dest="models_dirs", action="append", type=str, default=None,
                         help="extra folder of pair files, besides models/ (repeatable)")
 

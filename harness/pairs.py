@@ -18,6 +18,9 @@ from typing import Any, Callable
 from harness.errors import HarnessError
 from harness.stages import CHECKS_AT, DEFAULT_QUANT, GATED_METRICS, QUANT_RECIPES
 
+DEFAULT_SUITE, FULL_SUITE = "default", "full"  # the tiny pairs; those and the real model
+SUITES = (DEFAULT_SUITE, FULL_SUITE)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportSettings:
@@ -102,7 +105,7 @@ class ModelPair:
     extra_checks: tuple[Any, ...] = ()
     # Extra checks this pair opts out of, by name, each with the reason the report shows.
     skipped_checks: tuple[tuple[str, str], ...] = ()
-    suites: tuple[str, ...] = ("default", "full")
+    suites: tuple[str, ...] = SUITES
     # Known upstream defects, each bounded to one stage, one check and a band of its metrics.
     expected_failures: tuple[ExpectedFailure, ...] = ()
 
@@ -268,7 +271,7 @@ def discover(models_dirs: tuple[Path, ...] = ()) -> dict[str, ModelPair]:
     return scan(models_dirs)[0]
 
 
-def select(pairs: dict[str, ModelPair], names: list[str] | None, suite: str = "default",
+def select(pairs: dict[str, ModelPair], names: list[str] | None, suite: str = DEFAULT_SUITE,
            broken: dict[str, BrokenPairFile] | None = None) -> tuple[list[ModelPair], list[str]]:
     """The pairs a run asked for, by name or by suite, and the names it cannot run: unknown, or a broken
     file (a suite counts every broken file: nobody can tell which suite it was meant for)."""

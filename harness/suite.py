@@ -130,7 +130,7 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     options = options or RunOptions.open(config, () if config.isolate else verify_checks(config))
     options.gates.require_models([*known, *broken])
     pairs, unknown = select(known, list(config.models) if config.models else None, config.suite, broken)
-    pairs, narrowed = narrow(config, pairs)
+    pairs, narrowed = narrow(config, pairs, known)
     for line in narrowed.get("said", []):
         echo(line)
     out = Path(config.out or "reports/latest")
@@ -187,17 +187,27 @@ def gates_digest(path: str) -> str | None:
         return None
 
 
-def narrow(config: RunConfig, pairs: list[ModelPair]) -> tuple[list[ModelPair], dict]:
+def narrow(config: RunConfig, pairs: list[ModelPair], known: dict[str, ModelPair] | None = None
+           ) -> tuple[list[ModelPair], dict]:
     """--changed-since and --shard: the pairs this run keeps, and what its metadata says about the others
-    ("said": the lines to print before the run)."""
+    ("said": the lines to print before the run). A touched pair of `known` that the run's suite does not hold
+    (the real model, in a default run) is named as not verified, never passed over in silence."""
     note: dict = {"said": []}
     if config.changed_since:
-        from harness.affected import affected, describe_skipped
+        from harness.affected import affected, describe_skipped, outside_suite
 
-        touched = affected(config.changed_since, [p.name for p in pairs])
+        names = [p.name for p in pairs]
+        others = [] if config.models else [n for n in known or {} if n not in names]
+        touched = affected(config.changed_since, names + others)
+        left = outside_suite(touched, config.suite, {n: p.suites for n, p in (known or {}).items()})
+        touched = {n: why for n, why in touched.items() if n not in left}
         skipped = [p.name for p in pairs if p.name not in touched]
-        note["changed_since"] = {"base": config.changed_since, "affected": touched, "skipped": skipped}
+        note["changed_since"] = {"base": config.changed_since, "affected": touched, "skipped": skipped,
+                                 "not_in_suite": left}
         note["said"] += [f"{name}: runs, touched by {'; '.join(why)}" for name, why in touched.items()]
+        note["said"] += [f"{name}: NOT VERIFIED by this run, touched by {'; '.join(why)}, but suite {config.suite} "
+                         f"does not hold it; verify it with `harness verify --suite full --models {name}`"
+                         for name, why in left.items()]
         note["said"].append(describe_skipped(config.changed_since, skipped))
         pairs = [p for p in pairs if p.name in touched]
     if config.shard:

@@ -239,6 +239,9 @@ def run_lines(document: dict[str, Any]) -> list[str]:
         skipped = changed["skipped"]
         lines += [f"Changed since `{changed['base']}`: ran {len(changed['affected'])} touched pair(s); "
                   + (f"skipped {', '.join(skipped)} (untouched by the change)." if skipped else "none skipped."), ""]
+        for name, why in (changed.get("not_in_suite") or {}).items():
+            lines += [f"**Not verified by this run: {name}**, touched by {'; '.join(why)}; this run's suite does not "
+                      f"hold it (`harness verify --suite full --models {name}`; CI's nightly full run does).", ""]
     if run.get("shards"):
         lines += [f"Merged from {len(run['shards'])} shards: " + "; ".join(
             f"{s.get('shard') or '?'} ran {', '.join(s['models']) or 'no pair'}" for s in run["shards"]) + ".", ""]

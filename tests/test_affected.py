@@ -125,3 +125,26 @@ def test_changed_since_runs_the_touched_pairs_then_shards_them_and_records_the_r
     assert note["shard"] == "2/2" and note["shard_of"] == ["phi2", "qwen3"]
     assert [p.name for p in kept] == ["phi2"]  # qwen3 (32.7 s) leads shard 1, phi2 (24.9 s) takes shard 2
     assert any("skipped 8 pair(s)" in line for line in note["said"])
+
+
+def test_a_touched_pair_outside_the_runs_suite_is_named_as_not_verified(monkeypatch):
+    """A default run after a harness change verifies the tiny pairs and says, in its notes, console and
+    summary, that the real model (suite full) was touched and not verified; a full run verifies it."""
+    from harness import affected as affected_module
+    from harness.config import RunConfig
+    from harness.pairs import discover
+    from harness.suite import narrow
+    from harness.summary import run_lines
+
+    registry = discover()
+    monkeypatch.setattr(affected_module, "affected",
+                        lambda base, known: {n: ["harness code (harness/report.py)"] for n in known})
+    tiny = [p for p in registry.values() if "default" in p.suites]
+    kept, note = narrow(RunConfig(changed_since="origin/main"), tiny, registry)
+    assert kept == tiny and list(note["changed_since"]["not_in_suite"]) == ["gemma3_270m_real"]
+    assert any(line.startswith("gemma3_270m_real: NOT VERIFIED by this run") for line in note["said"])
+    assert any("**Not verified by this run: gemma3_270m_real**" in line
+               for line in run_lines({"run": {"changed_since": note["changed_since"]}}))
+    full = [p for p in registry.values() if "full" in p.suites]
+    kept, note = narrow(RunConfig(changed_since="origin/main", suite="full"), full, registry)
+    assert "gemma3_270m_real" in [p.name for p in kept] and note["changed_since"]["not_in_suite"] == {}

@@ -96,7 +96,7 @@ def test_the_workflow_commands_work_here(tmp_path, planted_failure):
     """plan (affected --json), the shards' reports, merge (+JUnit), the comment body: as the jobs run them."""
     plan = harness("affected", "--base", "HEAD", "--json")
     assert plan.returncode == 0, plan.stderr
-    assert set(json.loads(plan.stdout)) == {"base", "pairs", "reasons"}
+    assert set(json.loads(plan.stdout)) == {"base", "pairs", "reasons", "suite", "left_to_nightly"}
     document = copy.deepcopy(SAMPLE)
     if planted_failure:
         record = next(r for r in document["results"] if r["model"] == "smollm2" and r["check"] == "greedy")
@@ -114,3 +114,34 @@ def test_the_workflow_commands_work_here(tmp_path, planted_failure):
     assert merged_doc["results"] == document["results"]
     cases = list(ET.parse(tmp_path / "merged" / "junit.xml").getroot().iter("testcase"))
     assert len(cases) == len(document["results"])
+
+
+def plan_outputs(tmp_path, affected_doc) -> dict[str, str]:
+    """The plan job's own Python, taken from the workflow, run on an `affected --json` document: its outputs."""
+    step = next(s for s in yaml.safe_load(WORKFLOW.read_text())["jobs"]["plan"]["steps"] if s.get("id") == "affected")
+    code = step["run"].split("<<'PY' >> \"$GITHUB_OUTPUT\"\n", 1)[1].rsplit("PY", 1)[0]
+    (tmp_path / "affected.json").write_text(json.dumps(affected_doc))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, MAX_SHARDS="4"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+
+def test_the_plan_runs_the_real_model_for_its_own_change_and_leaves_a_shared_one_to_the_nightly(tmp_path):
+    """A PR that changes only the real model's golden must verify it (suite full), not pass with no pair run; a
+    harness change verifies the tiny pairs and leaves the real model to the nightly run."""
+    from harness.affected import ALL, plan
+    from harness.pairs import discover
+
+    registry = discover()
+    names, suites = list(registry), {n: p.suites for n, p in registry.items()}
+    own = plan("origin/main", {"gemma3_270m_real": ["its golden (golden/gemma3_270m_real.json)"]}, names, suites)
+    assert plan_outputs(tmp_path, own) == {"pairs": "gemma3_270m_real", "suite": "full", "shards": '["1/1"]'}
+    shared = plan("origin/main", {ALL: ["harness code (harness/report.py)"]}, names, suites)
+    outputs = plan_outputs(tmp_path, shared)
+    tiny = [n for n in names if "default" in suites[n]]
+    assert outputs["suite"] == "default" and outputs["pairs"].split(",") == tiny
+    assert json.loads(outputs["shards"]) == ["1/4", "2/4", "3/4", "4/4"]
+    assert shared["left_to_nightly"] == ["gemma3_270m_real"]
+    text = WORKFLOW.read_text()
+    assert '--suite "$SUITE"' in text and "session=verify_full" in text  # the shards run the plan's suite
