@@ -1,7 +1,12 @@
 """The golden check: a changed model, a changed recipe or another CPU's rounding is judged precisely."""
 
+from pathlib import Path
+
+import pytest
+
 from harness import golden, stages
 from harness.config import RunConfig
+from harness.gates import Gate
 from harness.pipeline import RunOptions, verify_pair
 from harness.records import ERROR, FAIL, PASS, SKIP, isa_features
 from tests import variants
@@ -114,6 +119,44 @@ def test_the_message_names_another_cpu(tiny_llama, tiny_llama_report, options, r
     results = by_stage(golden.GoldenCheck(tmp_path).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates))
     assert all(r.status == PASS for r in results.values())
     assert "another CPU: recorded with avx512_vnni, avx512f" in results["tflite_dynamic_int8"].message
+
+
+# Recorded on a host with AVX-512 VNNI/BF16 (tests/fixtures/goldens-avx512vnni/README.md); the committed
+# goldens come from an AVX2 host. The recordings predate provenance.host, so the flags are the README's.
+OTHER_HOST = Path(__file__).parent / "fixtures" / "goldens-avx512vnni"
+OTHER_ISA = ["avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"]
+
+
+def _with_isa(doc: dict, isa: list[str]) -> dict:
+    return {**doc, "provenance": {**doc["provenance"], "host": {"machine": "x86_64", "isa": isa}}}
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tiny_llama"])
+def test_goldens_recorded_on_another_cpu_pass_here_and_ours_pass_there(pairs, gates, name):
+    """Real recordings from an AVX-512 VNNI host, judged by the golden gates against the committed (AVX2) goldens
+    and the other way round: every stage passes both ways, so a fresh machine of either kind passes `verify`."""
+    pair = pairs[name]
+    ours = golden.load(golden.DEFAULT_GOLDEN_DIR, pair)
+    theirs = _with_isa(golden.load(OTHER_HOST, pair), OTHER_ISA)
+    for reference, other, where in ((ours, theirs, golden.DEFAULT_GOLDEN_DIR), (theirs, ours, OTHER_HOST)):
+        results = golden.recording_drift_records(reference, golden.golden_path(where, name), pair, other, gates)
+        assert {r.stage for r in results} == set(ours["stages"]), results
+        assert all(r.status == PASS for r in results), [r.message for r in results if r.status != PASS]
+        assert all("another CPU: recorded with" in r.message for r in results if r.metrics["changed"])
+
+
+def test_the_other_cpus_recording_fails_the_budget_that_cried_wolf(pairs, gates):
+    """The same recording under the max_abs_err budget the quantized golden had (0.05) fails as a fresh
+    AVX-512 host's `nox -s verify` did (0.0822 at prompt 1 position 12 token 37): the test above can fail."""
+    pair = pairs["smollm2"]
+    ours, theirs = golden.load(golden.DEFAULT_GOLDEN_DIR, pair), _with_isa(golden.load(OTHER_HOST, pair), OTHER_ISA)
+    stage = stages.tflite_stage("dynamic_int8")
+    results = golden.recording_drift_records(ours, golden.golden_path(golden.DEFAULT_GOLDEN_DIR, "smollm2"), pair,
+                                             theirs, gates)
+    [int8] = [r for r in results if r.stage == stage]
+    assert int8.status == PASS and 0.08 < int8.metrics["max_abs_err"] < 0.09
+    assert "worst at prompt 1 position 12 token 37" in int8.message
+    assert Gate({"max_max_abs_err": 0.05}).judge({"max_abs_err": int8.metrics["max_abs_err"]})[0] == FAIL
 
 
 def test_a_tanh_erf_gelu_switch_fails_the_float_golden(pairs, pair_report, options):

@@ -8,7 +8,7 @@ snapshots: `serialise` (record a document, its text and its validation), `store`
 rendered and written with the other reports, lives in harness/report.py.
 """
 
-from harness.golden.compare import GoldenCheck, drift_records, provenance_changes, stage_drift
+from harness.golden.compare import GoldenCheck, drift_records, provenance_changes, recording_drift_records, stage_drift
 from harness.golden.serialise import (DECIMALS, GOLDEN, SCHEMA_VERSION, TOP_K, dumps, parse, record, record_stage,
                                       reference_key, update_command)
 from harness.golden.store import DEFAULT_GOLDEN_DIR, MissingGolden, golden_path, load, save, stale_files
@@ -17,6 +17,6 @@ from harness.golden.update import UpdateOutcome, recipes_to_record, render_diff,
 __all__ = [
     "DECIMALS", "DEFAULT_GOLDEN_DIR", "GOLDEN", "GoldenCheck", "MissingGolden", "SCHEMA_VERSION", "TOP_K",
     "UpdateOutcome", "drift_records", "dumps", "golden_path", "load", "parse", "provenance_changes", "recipes_to_record",
-    "record", "record_stage", "reference_key", "render_diff", "save",
+    "record", "record_stage", "recording_drift_records", "reference_key", "render_diff", "save",
     "stage_drift", "stale_files", "update", "update_command",
 ]

@@ -27,7 +27,7 @@ from harness.golden.store import DEFAULT_GOLDEN_DIR, MissingGolden, golden_path,
 from harness.pairs import ModelPair, fingerprint
 from harness.paths import display_path
 from harness.records import ERROR, SKIP, CheckResult, isa_features
-from harness.workload import greedy_of
+from harness.workload import Trajectory, greedy_of
 
 
 def provenance_changes(golden: dict, pair: ModelPair, versions: dict[str, str] | None = None,
@@ -71,44 +71,106 @@ def _restricted_kl(golden_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(log_p) * (log_p - log_q)).sum())
 
 
-def stage_drift(entry: dict, logits: list[np.ndarray], golden: dict, trajectories) -> dict[str, Any]:
-    """How far a stage's logits are from its golden, and where: positions with the golden's context only."""
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """One prompt's logits from this run, as the comparator reads a stage's output."""
+
+    logits: np.ndarray  # [positions, vocab]
+    trajectory: Trajectory
+
+    @property
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self.trajectory.tokens]
+
+    def values(self, p: int, ids: list[int]) -> np.ndarray:
+        return self.logits[p, ids].astype(np.float64)
+
+    def top(self, p: int, k: int) -> set[int]:
+        return set(np.argpartition(-self.logits[p], k - 1)[:k].tolist())
+
+    def argmax(self, p: int) -> int:
+        return int(self.logits[p].argmax())
+
+    def greedy(self) -> list[int]:
+        return [int(t) for t in greedy_of(self.logits, self.trajectory)]
+
+    def stats(self) -> dict[str, float]:
+        lg64 = self.logits.astype(np.float64)
+        return {"mean": lg64.mean(), "std": lg64.std(), "min": lg64.min(), "max": lg64.max()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedOutput:
+    """One prompt of a stage as another golden recorded it (another host's, say): its top-k, greedy ids and
+    statistics, so two recordings are compared by the same measures as a run and its golden."""
+
+    entry: dict  # the other document's stage entry
+    prompt: dict  # the other document's prompt
+    index: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.prompt["tokens"])
+
+    def _row(self, p: int) -> dict:
+        return self.entry["top_k"][self.index][p]
+
+    def values(self, p: int, ids: list[int]) -> np.ndarray:
+        row = dict(zip(self._row(p)["ids"], self._row(p)["logits"]))
+        missing = [i for i in ids if i not in row]
+        if missing:
+            raise GoldenError(f"the recordings' top-{len(ids)} ids differ at prompt {self.index} position {p} "
+                              f"({missing} recorded by one only): compare a run against the golden instead")
+        return np.asarray([row[i] for i in ids], dtype=np.float64)
+
+    def top(self, p: int, k: int) -> set[int]:
+        return set(self._row(p)["ids"][:k])
+
+    def argmax(self, p: int) -> int:
+        return int(self._row(p)["ids"][0])
+
+    def greedy(self) -> list[int]:
+        return list(self.entry["greedy"][self.index])
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.entry["stats"][self.index])
+
+
+def stage_drift(entry: dict, outputs: list[RunOutput | RecordedOutput], golden: dict) -> dict[str, Any]:
+    """How far a stage's outputs are from its golden, and where: positions with the golden's context only."""
     worst, top1_changes, greedy_diffs, diverged = None, [], [], []
     compared = agree = greedy_total = greedy_same = 0
     stats_err, kls, overlaps = 0.0, [], []
-    for i, (lg, traj, prompt) in enumerate(zip(logits, trajectories, golden["prompts"], strict=True)):
-        tokens = [int(t) for t in traj.tokens]
+    for i, (out, prompt) in enumerate(zip(outputs, golden["prompts"], strict=True)):
+        tokens = out.tokens
         same = common_prefix(tokens, prompt["tokens"])
         if same < len(tokens):
             diverged.append(f"prompt {i} from token {same}")
         usable = min(same, len(tokens) - 1, len(entry["top_k"][i]))  # position p sees tokens[0..p]
         for p in range(usable):
             row = entry["top_k"][i][p]
-            got = lg[p, row["ids"]].astype(np.float64)
+            got = out.values(p, row["ids"])
             want = np.asarray(row["logits"], dtype=np.float64)
             err = np.abs(got - want)
             k = int(err.argmax())
             if worst is None or err[k] > worst[0]:
                 worst = (float(err[k]), i, p, row["ids"][k], float(got[k]), row["logits"][k])
             kls.append(_restricted_kl(want, got))
-            top = np.argpartition(-lg[p], len(row["ids"]) - 1)[:len(row["ids"])]
-            overlaps.append(len(set(top.tolist()) & set(row["ids"])) / len(row["ids"]))
+            overlaps.append(len(out.top(p, len(row["ids"])) & set(row["ids"])) / len(row["ids"]))
             compared += 1
-            top = int(lg[p].argmax())
+            top = out.argmax(p)
             agree += top == row["ids"][0]
             if top != row["ids"][0]:
                 top1_changes.append((i, p, top, row["ids"][0]))
         start = prompt["prompt_len"] - 1
-        ours = [int(t) for t in greedy_of(lg, traj)]
-        for j, (a, b) in enumerate(zip(ours, entry["greedy"][i])):
+        for j, (a, b) in enumerate(zip(out.greedy(), entry["greedy"][i])):
             if start + j < usable:
                 greedy_total += 1
                 greedy_same += a == b
                 if a != b:
                     greedy_diffs.append((i, j, a, b))
         if same == len(tokens):
-            lg64 = lg.astype(np.float64)
-            now = {"mean": lg64.mean(), "std": lg64.std(), "min": lg64.min(), "max": lg64.max()}
+            now = out.stats()
             stats_err = max([stats_err] + [abs(now[k] - entry["stats"][i][k]) for k in STATS])
     return {"max_abs_err": worst[0] if worst else 0.0, "top1": agree / max(compared, 1),
             "greedy_match": greedy_same / max(greedy_total, 1), "max_stats_err": float(stats_err),
@@ -137,27 +199,43 @@ def _where(drift: dict) -> list[str]:
     return parts
 
 
-def _check_prompts(golden: dict, path: Path, model: str, trajectories) -> None:
+def _check_prompts(golden: dict, path: Path, model: str, prompts: list[list[int]]) -> None:
     """The run's prompts must be the golden's (its continuations may differ: that is drift)."""
-    now = [[int(x) for x in t.tokens[:t.prompt_len]] for t in trajectories]
     then = [p["tokens"][:p["prompt_len"]] for p in golden["prompts"]]
-    if now != then:
-        which = next((i for i, (a, b) in enumerate(zip(now, then)) if a != b), min(len(now), len(then)))
+    if prompts != then:
+        which = next((i for i, (a, b) in enumerate(zip(prompts, then)) if a != b), min(len(prompts), len(then)))
         raise GoldenError(f"golden file {display_path(path)} was recorded on other prompts ({len(then)} prompts, this run "
-                          f"{len(now)}; prompt {which} differs): the workload changed; regenerate it with "
+                          f"{len(prompts)}; prompt {which} differs): the workload changed; regenerate it with "
                           f"`{update_command(model)}`")
 
 
 def drift_records(golden: dict, path: Path, pair: ModelPair, logits: dict[str, list[np.ndarray]], trajectories,
-            gates: Gates, versions: dict[str, str] | None = None, strict: bool = False,
-            isa: list[str] | None = None) -> list[CheckResult]:
+                  gates: Gates, versions: dict[str, str] | None = None, strict: bool = False,
+                  isa: list[str] | None = None) -> list[CheckResult]:
     """One `golden` result per stage that ran: drift from the golden held to [*.<stage>.golden] gates."""
-    _check_prompts(golden, path, pair.name, trajectories)
-    changes = provenance_changes(golden, pair, versions, isa)
+    _check_prompts(golden, path, pair.name, [[int(x) for x in t.tokens[:t.prompt_len]] for t in trajectories])
+    outputs = {stage: [RunOutput(lg, t) for lg, t in zip(logits[stage], trajectories, strict=True)]
+               for stage in stage_names(logits)}
+    return _judged_drift(golden, path, pair, outputs, gates, provenance_changes(golden, pair, versions, isa), strict)
+
+
+def recording_drift_records(golden: dict, path: Path, pair: ModelPair, other: dict, gates: Gates) -> list[CheckResult]:
+    """The `golden` results another recording of the pair (another host's) would get against `golden`, judged by
+    the same gates as a run: whether a golden recorded there passes here, stage by stage."""
+    _check_prompts(golden, path, pair.name, [p["tokens"][:p["prompt_len"]] for p in other["prompts"]])
+    outputs = {stage: [RecordedOutput(entry, prompt, i) for i, prompt in enumerate(other["prompts"])]
+               for stage, entry in other["stages"].items()}
+    isa = other["provenance"].get("host", {}).get("isa") or []
+    return _judged_drift(golden, path, pair, outputs, gates, provenance_changes(golden, pair, other["provenance"].get(
+        "versions"), isa), strict=False)
+
+
+def _judged_drift(golden: dict, path: Path, pair: ModelPair, outputs: dict[str, list], gates: Gates,
+                  changes: list[str], strict: bool) -> list[CheckResult]:
     recorded = f"{display_path(path)} (recorded {golden['provenance'].get('recorded', '?')})"
     half = 0.5 * 10 ** -golden["format"]["decimals"]
     results = []
-    for stage in stage_names(logits):
+    for stage, stage_outputs in outputs.items():
         entry = golden["stages"].get(stage)
         if entry is None:
             command = update_command(pair.name)
@@ -167,7 +245,7 @@ def drift_records(golden: dict, path: Path, pair: ModelPair, logits: dict[str, l
                                        message=f"{display_path(path)} has no golden for stage {stage}; "
                                                f"record it with `{command}`"))
             continue
-        drift = stage_drift(entry, logits[stage], golden, trajectories)
+        drift = stage_drift(entry, stage_outputs, golden)
         metrics = {k: drift[k] for k in ("max_abs_err", "mean_kl", "max_kl", "top5_overlap", "top1", "greedy_match",
                                          "max_stats_err", "positions")}
         metrics["changed"] = bool(drift["max_abs_err"] > 2 * half or drift["max_stats_err"] > 2 * half
