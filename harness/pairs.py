@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import pkgutil
 import sysconfig
 import types
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import HarnessError
+from harness.paths import scrub
 from harness.stages import CHECKS_AT, DEFAULT_QUANT, GATED_METRICS, QUANT_RECIPES
 
 DEFAULT_SUITE, FULL_SUITE = "default", "full"  # the tiny pairs; those and the real model
@@ -192,8 +194,12 @@ def _describe_callable(value: Any, seen: set[int]) -> Any:
 
 
 def describe(value: Any, seen: set[int] | None = None) -> Any:
-    """A stable, JSON-able description of a field, callables by their source and what it reads."""
+    """A stable, JSON-able description of a field, callables by their source and what it reads. A path of this
+    machine (a value the described code reads, such as where the libraries are installed) is shown by its label,
+    so a key is the same in every checkout and environment."""
     seen = set() if seen is None else seen
+    if isinstance(value, (str, os.PathLike)):
+        return scrub(os.fspath(value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name), seen) for f in dataclasses.fields(value)}
     if isinstance(value, dict):

@@ -31,7 +31,7 @@ def scrub(text: str) -> str:
     """A message (a traceback tail, say) with this machine's directories replaced by their labels."""
     import sys
 
-    anchors = [(str(PROJECT_ROOT), "."), (sys.prefix, "$PYTHON_PREFIX")]
+    anchors = [(str(PROJECT_ROOT), "."), (sys.prefix, "$PYTHON_PREFIX"), (sys.base_prefix, "$PYTHON_BASE")]
     if os.environ.get("EDGE_PARITY_CACHE"):
         anchors.append((str(Path(os.environ["EDGE_PARITY_CACHE"]).expanduser()), "$EDGE_PARITY_CACHE"))
     anchors += [(tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")]

@@ -91,3 +91,21 @@ def test_a_private_cache_never_publishes_nor_replaces_a_shared_entry(tmp_path):
     assert not built.exists()  # removed with the run
     assert (entry / "artifact.bin").read_text() == "shared" and (entry / "artifact.bin").stat().st_mtime_ns == stamp
     assert not (tmp_path / "tflite" / cache_key({"k": 2})).exists()
+
+
+def test_keys_hold_no_directory_of_this_machine(tiny_llama, cache):
+    """Same inputs, same key in every checkout and environment. A key that held where the libraries are installed
+    (the describer read `sysconfig`'s paths) missed in every new clone and CI job: each re-converted everything."""
+    from pathlib import Path
+
+    from harness.checkpoint import reference_checkpoint
+    from harness.convert import FLOAT, artifact_key
+    from harness.paths import PROJECT_ROOT
+
+    keys = {"flatbuffer": artifact_key(tiny_llama, reference_checkpoint(tiny_llama, cache), FLOAT, cache.code_digests()),
+            "checkpoint": checkpoint_key(tiny_llama)}
+    for kind, parts in keys.items():
+        text = json.dumps(parts, default=str)
+        for where in {sys.prefix, sys.base_prefix, str(PROJECT_ROOT), str(Path.home())}:
+            assert where not in text, f"the {kind} key holds {where}"
+        assert "$PYTHON_PREFIX" in text or kind == "checkpoint"  # the libraries' location is kept, by its label
