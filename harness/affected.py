@@ -144,6 +144,11 @@ def outside_suite(touched_pairs: dict[str, list[str]], suite: str, suites: dict[
     return {name: why for name, why in touched_pairs.items() if suite not in suites.get(name, (suite,))}
 
 
+def verify_command(name: str) -> str:
+    """The command that verifies a touched pair a run's suite left out (the console and the summary name it)."""
+    return f"harness verify --suite {FULL_SUITE} --models {name}"
+
+
 def plan(base: str, reasons: dict[str, list[str]], names: list[str], suites: dict[str, tuple[str, ...]]) -> dict:
     """What `harness affected --json` tells CI: the touched pairs with why, the suite that verifies them, and
     the touched pairs that suite leaves to the nightly full run."""

@@ -194,7 +194,7 @@ def narrow(config: RunConfig, pairs: list[ModelPair], known: dict[str, ModelPair
     (the real model, in a default run) is named as not verified, never passed over in silence."""
     note: dict = {"said": []}
     if config.changed_since:
-        from harness.affected import affected, describe_skipped, outside_suite
+        from harness.affected import affected, describe_skipped, outside_suite, verify_command
 
         names = [p.name for p in pairs]
         others = [] if config.models else [n for n in known or {} if n not in names]
@@ -206,7 +206,7 @@ def narrow(config: RunConfig, pairs: list[ModelPair], known: dict[str, ModelPair
                                  "not_in_suite": left}
         note["said"] += [f"{name}: runs, touched by {'; '.join(why)}" for name, why in touched.items()]
         note["said"] += [f"{name}: NOT VERIFIED by this run, touched by {'; '.join(why)}, but suite {config.suite} "
-                         f"does not hold it; verify it with `harness verify --suite full --models {name}`"
+                         f"does not hold it; verify it with `{verify_command(name)}`"
                          for name, why in left.items()]
         note["said"].append(describe_skipped(config.changed_since, skipped))
         pairs = [p for p in pairs if p.name in touched]

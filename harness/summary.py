@@ -13,6 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness import stages
+from harness.affected import verify_command
 from harness.records import COMPLETE, ERROR, FAIL, INFO, INTERRUPTED, NOT_RUN, PASS, SKIP, XFAIL
 
 COMMENT_LIMIT = 65_536  # characters GitHub accepts in a PR comment
@@ -241,7 +242,7 @@ def run_lines(document: dict[str, Any]) -> list[str]:
                   + (f"skipped {', '.join(skipped)} (untouched by the change)." if skipped else "none skipped."), ""]
         for name, why in (changed.get("not_in_suite") or {}).items():
             lines += [f"**Not verified by this run: {name}**, touched by {'; '.join(why)}; this run's suite does not "
-                      f"hold it (`harness verify --suite full --models {name}`; CI's nightly full run does).", ""]
+                      f"hold it (`{verify_command(name)}`; CI's nightly full run does).", ""]
     if run.get("shards"):
         lines += [f"Merged from {len(run['shards'])} shards: " + "; ".join(
             f"{s.get('shard') or '?'} ran {', '.join(s['models']) or 'no pair'}" for s in run["shards"]) + ".", ""]
