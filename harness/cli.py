@@ -330,22 +330,24 @@ def cmd_explain(args) -> int:
     gates = load_gates(Path(config.gates))
     pair = explain.find_pair(config.models[0], config.models_dirs)
     explain.check_prompt(pair, args.prompt)
+    # Written inside the cache's block: a --no-cache build's flatbuffer goes with its private cache, so the copy
+    # beside the reproduction is made first.
     with ArtifactCache(Path(config.cache_dir), config.shared_cache) as cache:
         result = explain.explain(pair, config.models_dirs, args.stage, args.prompt, gates, cache)
-    if result.ranking is not None:  # a quantized stage: which weight groups its cost comes from
-        from harness import quant_rank
+        if result.ranking is not None:  # a quantized stage: which weight groups its cost comes from
+            from harness import quant_rank
 
-        print(quant_rank.table(result.ranking))
+            print(quant_rank.table(result.ranking))
+            print()
+            print(quant_rank.describe(result.ranking))
+            written = explain.write_explanation(Path(config.out), result)
+            print("wrote: " + ", ".join(display_path(p) for p in written))
+            over = result.budget is not None and result.ranking.mean_kl > result.budget
+            return EXIT_GATE_FAILED if over else EXIT_PASS
+        print(explain.table(result.divergence))
         print()
-        print(quant_rank.describe(result.ranking))
+        print(describe(result.divergence))
         written = explain.write_explanation(Path(config.out), result)
-        print("wrote: " + ", ".join(display_path(p) for p in written))
-        over = result.budget is not None and result.ranking.mean_kl > result.budget
-        return EXIT_GATE_FAILED if over else EXIT_PASS
-    print(explain.table(result.divergence))
-    print()
-    print(describe(result.divergence))
-    written = explain.write_explanation(Path(config.out), result)
     print("wrote: " + ", ".join(display_path(p) for p in written))
     if result.divergence.first:
         print(f"reproduce: python {display_path(written[-1])}")

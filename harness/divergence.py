@@ -18,9 +18,10 @@ import numpy as np
 
 # What a point is called in words (the summary line): the last part of its name.
 LABELS = {"embedding": "token embedding", "input_norm": "input norm", "q": "q projection", "k": "k projection",
-          "v": "v projection", "qkv": "attention q/k/v projection", "q_rope": "q after RoPE", "k_rope": "k after RoPE", "output": "attention output",
-          "projection": "attention output projection", "post_attention_norm": "post-attention norm",
-          "pre_ff_norm": "pre-MLP norm", "gate": "MLP gate projection", "up": "MLP up projection",
+          "v": "v projection", "qkv": "attention q/k/v projection", "q_rope": "q after RoPE",
+          "k_rope": "k after RoPE", "output": "attention output", "projection": "attention output projection",
+          "post_attention_norm": "post-attention norm", "pre_ff_norm": "pre-MLP norm", "gate": "MLP gate projection",
+          "up": "MLP up projection", "activation": "MLP activation (the down projection's input)",
           "down": "MLP down projection", "post_ff_norm": "post-MLP norm", "final_norm": "final norm",
           "head": "head", "logits": "output logits"}
 EPS = 1e-12
@@ -81,6 +82,9 @@ def points_of(names: Any, num_layers: int) -> list[Point]:
         add("pre_ff_norm", "pre_ff_norm", "ff.pre_ff_norm")
         add("mlp.gate", "ff_gate_proj", "ff.w1")
         add("mlp.up", "ff_up_proj", "ff.w3" if named("ff_gate_proj") else "ff.w1")
+        # The down projection's input: gate and up combined. A map that swaps gate and up loads and matches
+        # both the same wrong way round, so they agree one by one and the first disagreement is here.
+        add("mlp.activation", "ff_down_proj", "ff.w2", "input")
         add("mlp.down", "ff_down_proj", "ff.w2")
         add("post_ff_norm", "post_ff_norm", "ff.post_ff_norm")
     if named("final_norm"):
@@ -106,7 +110,7 @@ def pair_points(pair, model) -> list[Point]:
     return points_of(names, model.config.num_layers)
 
 
-def _rows(value, take: str, layout: dict) -> np.ndarray:
+def as_rows(value, take: str, layout: dict) -> np.ndarray:
     """A captured tensor as [position, features] (batch 0), heads laid out as HF lays them out."""
     if take == "logits":  # the model's own output: HF's ModelOutput or litert-torch's dict
         value = value["logits"]
@@ -169,16 +173,16 @@ def capture(model, points: list[Point], side: str, layout: dict):
             rope.setdefault(module, (p.layer, {}))[1][take] = p.name
         elif take == "input":
             handles.append(module.register_forward_pre_hook(
-                lambda _m, args, p=p, t=take: captured.__setitem__(p.name, _rows(args[0], t, layout))))
+                lambda _m, args, p=p, t=take: captured.__setitem__(p.name, as_rows(args[0], t, layout))))
         else:
             handles.append(module.register_forward_hook(
-                lambda _m, _a, out, p=p, t=take: captured.__setitem__(p.name, _rows(out, t, layout))))
+                lambda _m, _a, out, p=p, t=take: captured.__setitem__(p.name, as_rows(out, t, layout))))
 
     def record(layer, q, k):
         for take, value in (("q_rope", q), ("k_rope", k)):
             name = next((names[take] for _, (i, names) in rope.items() if i == layer and take in names), None)
             if name:
-                captured[name] = _rows(value, take, layout)
+                captured[name] = as_rows(value, take, layout)
 
     with contextlib.ExitStack() as stack:
         if rope:

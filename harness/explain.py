@@ -27,6 +27,7 @@ class Explanation:
     divergence: Divergence | None
     ranking: object = None  # a quantized stage's harness.quant_rank.Ranking (then no divergence)
     budget: float | None = None  # the quantized stage's max_mean_kl from the gates file
+    flatbuffer: Path | None = None  # tflite_float: the flatbuffer localised, copied beside its reproduction
 
 
 def find_pair(name: str, models_dirs=()):
@@ -67,8 +68,8 @@ def check_prompt(pair, prompt: int):
 @dataclasses.dataclass
 class Sides:
     """What a stage and its parent need to run: the HF original, the re-authored twin, the exported programs
-    (for `exported`) or the float flatbuffer (for `tflite_float`), and the tokens of the prompt followed by
-    HF's greedy continuation."""
+    (for `exported` and `stablehlo`) or the float flatbuffer (for `tflite_float`), and the tokens of the
+    prompt followed by HF's greedy continuation."""
 
     hf_model: object
     model: object
@@ -78,8 +79,9 @@ class Sides:
     prompt_len: int | None = None  # the re-authored side prefills these and decodes the rest, as its stage does
 
 
-def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Sides:
-    """Both sides of `stage` on prompt `prompt` (every position but the last, as the stages run it)."""
+def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None, flatbuffer: Path | None = None) -> Sides:
+    """Both sides of `stage` on prompt `prompt` (every position but the last, as the stages run it); for
+    tflite_float, `flatbuffer` if given (a reproduction's own copy), else the pair's from the cache."""
     tokens = check_prompt(pair, prompt)
     from harness.cache import ArtifactCache
     from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
@@ -92,12 +94,11 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Si
     model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
     trajectory, _ = greedy_trajectory(hf_model, tokens, pair.workload.new_tokens)
     programs = None
-    if stage == stages.EXPORTED:
+    if stage in (stages.EXPORTED, stages.STABLEHLO):
         from harness.lowering import converter_signatures, export_programs
 
         programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
-    flatbuffer = None
-    if stage == stages.TFLITE_FLOAT:  # from the cache, or converted once into it
+    if stage == stages.TFLITE_FLOAT and flatbuffer is None:  # from the cache, or converted once into it
         from harness.convert import FLOAT, convert
 
         flatbuffer = convert(pair, model, checkpoint, FLOAT, cache)
@@ -106,10 +107,12 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None) -> Si
 
 def values(pair, sides: Sides, stage: str, points):
     """Every point's values on both sides of `stage`: (parent's, stage's)."""
-    from harness.localise import exported_points, run_points, tflite_points
+    from harness.localise import exported_points, run_points, stablehlo_points, tflite_points
 
     if stage == stages.EXPORTED:
         return exported_points(pair, sides.model, sides.programs, sides.tokens, points)
+    if stage == stages.STABLEHLO:
+        return stablehlo_points(pair, sides.model, sides.programs, sides.tokens, points)
     if stage == stages.TFLITE_FLOAT:
         return tflite_points(pair, sides.model, sides.flatbuffer, sides.tokens, points)
     return run_points(sides.hf_model, sides.model, sides.tokens, points, pair.export.kv_cache_max, sides.prompt_len)
@@ -126,7 +129,8 @@ def explain(pair, models_dirs, stage: str, prompt: int, gates, cache=None) -> Ex
     sides = rebuild(pair, prompt, stage, cache)
     points = pair_points(pair, sides.model)
     divergence = compare(stage, points, *values(pair, sides, stage, points), tolerance(gates, pair, stage))
-    return Explanation(pair.name, tuple(display_path(d) for d in models_dirs), prompt, divergence)
+    return Explanation(pair.name, tuple(display_path(d) for d in models_dirs), prompt, divergence,
+                       flatbuffer=sides.flatbuffer)
 
 
 def explain_quantized(pair, models_dirs, stage: str, gates, cache=None) -> Explanation:
@@ -221,21 +225,25 @@ Written by `harness explain`. Needs edge-parity's `harness` importable (installe
 checkout): python {name}
 """
 
+from pathlib import Path
+
 from harness import explain
 
 PAIR, MODELS_DIRS, STAGE, PROMPT = {pair!r}, {models_dirs!r}, {stage!r}, {prompt!r}
 POINT, TOLERANCE = {point!r}, {tolerance!r}
+FLATBUFFER = {flatbuffer!r}  # the flatbuffer that diverged, written beside this script (None: rebuilt)
 
 pair = explain.find_pair(PAIR, MODELS_DIRS)
-sides = explain.rebuild(pair, PROMPT, STAGE)  # both sides, and the prompt + HF's greedy continuation
+flatbuffer = Path(__file__).resolve().with_name(FLATBUFFER) if FLATBUFFER else None
+sides = explain.rebuild(pair, PROMPT, STAGE, flatbuffer=flatbuffer)  # both sides; prompt + HF's greedy continuation
 reference, candidate = explain.values_at(pair, sides, STAGE, POINT)  # the parent's values, the stage's
 print(f"{{PAIR}} {{STAGE}} at {{POINT}} on prompt {{PROMPT}} ({{len(reference)}} positions)")
 print(explain.difference(reference, candidate, TOLERANCE))
 '''
 
 
-def repro_name(pair: str, stage: str) -> str:
-    return f"repro_{pair}_{stage}.py"
+def repro_name(pair: str, stage: str, suffix: str = ".py") -> str:
+    return f"repro_{pair}_{stage}{suffix}"
 
 
 def repro_script(explanation: Explanation) -> str:
@@ -244,13 +252,15 @@ def repro_script(explanation: Explanation) -> str:
     return REPRO.format(stage=explanation.divergence.stage, pair=explanation.pair, point=first.point.name,
                         label=first.point.label, position=first.position, prompt=explanation.prompt,
                         error=first.error, tolerance=explanation.divergence.tolerance, name=name,
-                        models_dirs=list(explanation.models_dirs))
+                        models_dirs=list(explanation.models_dirs),
+                        flatbuffer=repro_name(explanation.pair, explanation.divergence.stage, ".tflite")
+                        if explanation.flatbuffer else None)
 
 
 def write_explanation(out: Path, explanation: Explanation) -> list[Path]:
     """The error curve (PNG) and, when something diverges, the reproduction script; returns what was written.
     A quantized stage's ranking is written as its table."""
-    from harness.report import write_report
+    from harness.report import copy_atomic, write_report
 
     if explanation.ranking is not None:
         from harness import quant_rank
@@ -263,6 +273,9 @@ def write_explanation(out: Path, explanation: Explanation) -> list[Path]:
     stage = explanation.divergence.stage
     written = [plot(explanation.divergence, Path(out) / f"divergence_{explanation.pair}_{stage}.png")]
     if explanation.divergence.first:
+        if explanation.flatbuffer:  # the artifact that diverged, not whatever a later build makes
+            written.append(Path(out) / repro_name(explanation.pair, stage, ".tflite"))
+            copy_atomic(explanation.flatbuffer, written[-1])
         written.append(Path(out) / repro_name(explanation.pair, stage))
         write_report(written[-1], repro_script(explanation))
     return written

@@ -1,8 +1,10 @@
 """The divergence check: for a failing stage, the first matched point where it departs from its parent.
 
 Stages that can be localised are a table (`LOCALISERS`: stage -> function of the run state); today the
-re-authored model against HF, the exported programs and the float flatbuffer against the re-authored model. A divergence record is informational (status info): it never passes or fails
-a run, it says where the failure the gated checks found begins.
+re-authored model against HF, the exported programs against the re-authored model, the lowered StableHLO
+against the exported programs, and the float flatbuffer against the re-authored model. A divergence record
+is informational (status info): it never passes or fails a run, it says where the failure the gated checks
+found begins.
 """
 
 from __future__ import annotations
@@ -118,6 +120,26 @@ def tflite_points(pair, model, flatbuffer, tokens: np.ndarray, points: list[Poin
     return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
 
 
+def stablehlo_points(pair, model, programs: dict, tokens: np.ndarray, points: list[Point]):
+    """The exported prefill program of the tokens' signature and its lowered StableHLO on the same padded tokens,
+    every point recorded on the real positions (harness/stablehlo_points.py): (exported values, StableHLO values)."""
+    from harness.lowering import fits_inline
+    from harness.stablehlo_points import stablehlo_values
+
+    tokens, padded, positions = _padded(pair, tokens)
+    n = len(tokens)
+    reference, candidate = stablehlo_values(programs[f"prefill_{padded.shape[1]}"], points, padded, positions,
+                                            layout_of(model), fits_inline(model))
+    return ({k: v[:n] for k, v in reference.items()}, {k: v[:n] for k, v in candidate.items()})
+
+
+def localise_stablehlo(pair, model, programs: dict, tokens: np.ndarray, tolerance: float) -> Divergence:
+    """The lowered StableHLO's prefill against the exported program it was lowered from, at module boundaries."""
+    points = pair_points(pair, model)
+    reference, candidate = stablehlo_points(pair, model, programs, tokens, points)
+    return compare(stages.STABLEHLO, points, reference, candidate, tolerance)
+
+
 def localise_tflite(pair, model, flatbuffer, tokens: np.ndarray, tolerance: float) -> Divergence:
     """The float flatbuffer's prefill against the eager re-authored model at the points it computes readably."""
     points = pair_points(pair, model)
@@ -158,6 +180,11 @@ def _exported(state: RunState, prompt: int) -> Divergence:
                              tolerance(state, state.pair, stages.EXPORTED))
 
 
+def _stablehlo(state: RunState, prompt: int) -> Divergence:
+    return localise_stablehlo(state.pair, state.model, state.programs, state.trajectories[prompt].tokens[:-1],
+                              tolerance(state, state.pair, stages.STABLEHLO))
+
+
 def _tflite_float(state: RunState, prompt: int) -> Divergence:
     return localise_tflite(state.pair, state.model, state.artifacts[stages.TFLITE_FLOAT],
                            state.trajectories[prompt].tokens[:-1], tolerance(state, state.pair, stages.TFLITE_FLOAT))
@@ -165,6 +192,7 @@ def _tflite_float(state: RunState, prompt: int) -> Divergence:
 
 LOCALISERS: dict[str, Callable[[RunState, int], Divergence]] = {stages.REAUTHORED: _reauthored,
                                                                 stages.EXPORTED: _exported,
+                                                                stages.STABLEHLO: _stablehlo,
                                                                 stages.TFLITE_FLOAT: _tflite_float}
 
 

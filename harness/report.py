@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,23 @@ def write_report(path: Path, text: str) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside the target and rename it in place, so readers never see half a file."""
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """A copy of `source` at `path`, made as write_atomic makes a report."""
+    with open(source, "rb") as src:
+        _replace_atomically(path, lambda f: shutil.copyfileobj(src, f))
+
+
+def _replace_atomically(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets what any file the user makes gets
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

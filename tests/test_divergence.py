@@ -66,6 +66,8 @@ PLANTED = [  # pair, the point planted, the first position it shows at
     ("tiny_llama_swapped_gate_up", "layers.0.mlp.gate", 0),
     ("tiny_llama_norm_eps", "layers.1.post_attention_norm", 0),
     ("tiny_llama_mask_leak", "layers.0.attention.output", 0),
+    # Declared with the swapped map: matched through it, gate and up agree one by one; their product does not.
+    ("tiny_llama_map_swaps_gate_up", "layers.0.mlp.activation", 0),
 ]
 
 

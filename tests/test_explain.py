@@ -1,22 +1,14 @@
 """`harness explain` (harness/explain.py) as a user runs it: the table, the curve, a reproduction that runs on its
 own, nothing diverging on a clean pair, and one-line errors for bad input."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness import cli
+from tests.scripts import ROOT, run, run_repro
 
-ROOT = Path(__file__).resolve().parents[1]
 BROKEN = ROOT / "tests" / "fixtures" / "broken_models"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-
-
-def run(args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_explain_names_the_divergence_and_writes_a_curve_and_a_repro_that_runs(tmp_path):
@@ -40,22 +32,14 @@ def test_explain_names_the_divergence_and_writes_a_curve_and_a_repro_that_runs(t
     assert abs(hf_value - ours) > 1e-3
 
 
-def run_repro(script: Path) -> tuple[str, float, float]:
-    """Runs a written reproduction on its own, from its folder; its output and the worst element's two values."""
-    repro = run([script.name], cwd=script.parent)
-    assert repro.returncode == 0, repro.stderr[-2000:]
-    worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
-    return repro.stdout, float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
-
-
 def test_explain_on_a_clean_pair_says_nothing_diverges_and_prints_every_point(tmp_path, capsys):
     code = cli.main(["explain", "--models", "tiny_llama", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "nothing diverges: 28 matched points within 0.0001" in out
+    assert "nothing diverges: 30 matched points within 0.0001" in out
     errors = [float(line.split()[1]) for line in out.splitlines()
               if line.startswith(("layers.", "embedding", "final_norm", "head", "logits"))]
-    assert len(errors) == 28 and max(errors) < 1e-5 and max(errors) > 0  # real float noise, printed
+    assert len(errors) == 30 and max(errors) < 1e-5 and max(errors) > 0  # real float noise, printed
     assert (tmp_path / "divergence_tiny_llama_reauthored.png").exists()
     assert not list(tmp_path.glob("repro_*.py"))  # nothing to reproduce
 
@@ -74,12 +58,27 @@ def test_explain_exported_finds_an_export_only_skew_and_its_repro_shows_it(tmp_p
     assert stage == pytest.approx(parent * 1.01, rel=1e-4)  # the planted skew, exactly
 
 
+def test_explain_stablehlo_finds_a_lowering_only_defect_and_its_repro_shows_it(tmp_path):
+    """The planted custom op lowered x1.05 lives in its pair file, so the reproduction, run on its own in a new
+    process, lowers it the same wrong way."""
+    planted = ROOT / "tests" / "fixtures" / "planted_defects"
+    proc = run(["-m", "harness", "explain", "--models", "tiny_llama_lowered_wrong", "--models-dir", str(planted),
+                "--stage", "stablehlo", "--out", str(tmp_path)])
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "first divergence: stablehlo, layer 1 MLP down projection, position 0 (0.05, tolerance 0.0001)" in proc.stdout
+    script = tmp_path / "repro_tiny_llama_lowered_wrong_stablehlo.py"
+    stdout, parent, stage = run_repro(script)
+    assert "tiny_llama_lowered_wrong stablehlo at layers.1.mlp.down on prompt 0" in stdout
+    assert "first position past 0.0001: 0" in stdout
+    assert stage == pytest.approx(parent * 1.05, rel=1e-4)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--models", "tiny_lama"], "unknown model pair 'tiny_lama'"),
     (["--models", "tiny_llama,phi2"], "explain localises one pair"),
     (["--models", "tiny_llama", "--stage", "tflite_magic"], "--stage tflite_magic is not a stage"),
-    (["--models", "tiny_llama", "--stage", "stablehlo"], "--stage stablehlo has no localiser yet; explain localises: "
-                                                         "reauthored, exported, tflite_float"),
+    (["--models", "tiny_llama", "--stage", "hf"], "--stage hf has no localiser yet; explain localises: "
+                                                  "reauthored, exported, stablehlo, tflite_float"),
     (["--models", "tiny_llama", "--prompt", "7"], "--prompt 7: pair tiny_llama has prompts 0..2"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_no_heavy_library(tmp_path, args, fragment):

@@ -12,9 +12,10 @@ from harness.pipeline import verify_pair
 from harness.records import FAIL, INFO, PASS
 from harness.workload import greedy_trajectory, make_prompts
 from tests import variants
+from tests.scripts import run_repro
 
 READABLE = ("input_norm", "attention.output", "attention.projection", "post_attention_norm", "mlp.gate", "mlp.up",
-            "mlp.down")  # per layer: what tiny_llama's flatbuffer computes as [position, features] in a scope
+            "mlp.activation", "mlp.down")  # per layer: what tiny_llama's flatbuffer computes as [position, features] in a scope
 
 
 def test_scopes_follow_the_converters_tensor_names(tiny_llama, cache):
@@ -44,8 +45,8 @@ def test_a_clean_flatbuffer_diverges_nowhere_at_every_readable_point(tiny_llama,
 
 
 @pytest.mark.parametrize("name, count, absent", [
-    ("phi2", 13, "head"),  # its Linears drop the batch ([positions, features]): read as well
-    ("gemma2", 21, "head"),  # its head's weights carry the soft-cap's 1/cap folded in: not the module's output
+    ("phi2", 15, "head"),  # its Linears drop the batch ([positions, features]): read as well
+    ("gemma2", 23, "head"),  # its head's weights carry the soft-cap's 1/cap folded in: not the module's output
 ])
 def test_other_families_flatbuffers_diverge_nowhere(name, count, absent, pairs, cache, gates):
     pair = pairs[name]
@@ -95,11 +96,17 @@ def test_explain_tflite_float_names_the_skewed_layer(tmp_path, monkeypatch, caps
     assert "first divergence: tflite_float, layer 1 MLP down projection, position 0 (" in out
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("layers.")}
     assert table["layers.1.mlp.down"][-1] == "DIVERGES" and len(table["layers.1.mlp.up"]) == 2
-    assert (tmp_path / "out" / "repro_tiny_llama_tflite_float.py").exists()
+    # The reproduction runs the flatbuffer that diverged, copied beside it: the patched converter is gone in its
+    # process, and a rebuild would be clean.
+    assert (tmp_path / "out" / "repro_tiny_llama_tflite_float.tflite").is_file()
+    stdout, parent, stage = run_repro(tmp_path / "out" / "repro_tiny_llama_tflite_float.py")
+    assert "tiny_llama tflite_float at layers.1.mlp.down on prompt 0" in stdout
+    assert "first position past 0.0001: 0" in stdout
+    assert stage == pytest.approx(parent * 1.05, rel=1e-3)
 
 
 def test_explain_tflite_float_on_a_clean_pair_says_nothing_diverges(tmp_path, capsys):
     code = cli.main(["explain", "--models", "tiny_llama", "--stage", "tflite_float", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "nothing diverges: 17 matched points within 0.0001" in out
+    assert "nothing diverges: 19 matched points within 0.0001" in out

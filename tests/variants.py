@@ -21,11 +21,15 @@ def wrong_rope_base(checkpoint_path, custom_loader=None, mask_cache_size=0):
     return _build(config)(checkpoint_path, custom_loader, mask_cache_size)
 
 
+# The MLP's gate and up projections swapped in the tensor-name map: loaded the wrong way round.
+GATE_UP_SWAPPED = dataclasses.replace(litert_tiny_llama.TENSOR_NAMES, ff_up_proj="model.layers.{}.mlp.gate_proj",
+                                      ff_gate_proj="model.layers.{}.mlp.up_proj")
+
+
 def swapped_gate_up(checkpoint_path, custom_loader=None, mask_cache_size=0):
-    """The tensor-name map swaps the MLP's gate and up projections."""
-    names = dataclasses.replace(litert_tiny_llama.TENSOR_NAMES, ff_up_proj="model.layers.{}.mlp.gate_proj",
-                                ff_gate_proj="model.layers.{}.mlp.up_proj")
-    return _build(tensor_names=names)(checkpoint_path, custom_loader, mask_cache_size)
+    """The tensor-name map swaps the MLP's gate and up projections (a plain builder: points come from the
+    example module's map, which is right)."""
+    return _build(tensor_names=GATE_UP_SWAPPED)(checkpoint_path, custom_loader, mask_cache_size)
 
 
 class _SkewedWhenExported(litert_tiny_llama.TinyLlama):
@@ -170,15 +174,21 @@ def ulp_perturbed(path, out, seed: int = 0) -> int:
 
 # --- planted defects, each at one known point (tests/fixtures/planted_defects, tests/test_divergence.py) -----
 
+def set_norm_eps(c, layer: int, epsilon: float) -> None:
+    """Sets layer `layer`'s post-attention norm epsilon in config `c`, and no other layer's."""
+    import copy
+
+    c.block_configs = [copy.deepcopy(c.block_config(i)) for i in range(c.num_layers)]
+    block = c.block_configs[layer]  # its norms share one config object: change a copy of one
+    block.post_attention_norm_config = dataclasses.replace(block.post_attention_norm_config, epsilon=epsilon)
+
+
 def one_layer_norm_eps(layer: int, epsilon: float):
     """tiny_llama's config with layer `layer`'s post-attention norm epsilon set to `epsilon` (HF: 1e-5)."""
-    import copy
 
     def config():
         c = tiny_llama.reauthored_config()
-        c.block_configs = [copy.deepcopy(c.block_config(i)) for i in range(c.num_layers)]
-        block = c.block_configs[layer]  # its norms share one config object: change a copy of one
-        block.post_attention_norm_config = dataclasses.replace(block.post_attention_norm_config, epsilon=epsilon)
+        set_norm_eps(c, layer, epsilon)
         return c
 
     return config
@@ -214,10 +224,50 @@ class OffByOneDecodeWriteTinyLlama(litert_tiny_llama.TinyLlama):
             kv_module.update = update
 
 
-def planted(name: str, config=None, model_class=None):
+# A custom op that is the identity in PyTorch and whose litert-torch lowering scales by 1.05: a lowering
+# defect (the class of a wrong entry in the lowering registry) that only the StableHLO sees. Its namespace
+# is its own, so registering it changes no other pair's program.
+@torch.library.custom_op("edge_parity_planted::lowered_scaled", mutates_args=())
+def lowered_scaled(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@lowered_scaled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _register_scaled_lowering():
+    from litert_torch.backend.lowerings._jax_lowerings import lowerings
+
+    lowerings.lower_by_jax(torch.ops.edge_parity_planted.lowered_scaled.default)(lambda x: x * 1.05)
+
+
+_register_scaled_lowering()
+
+
+class LoweredScaledLinear(torch.nn.Linear):
+    """A Linear whose output passes through `lowered_scaled`: right in PyTorch, 5% large once lowered."""
+
+    def forward(self, x):
+        return lowered_scaled(super().forward(x))
+
+
+class LoweredWrongTinyLlama(litert_tiny_llama.TinyLlama):
+    """tiny_llama whose layer 1 MLP down-projection goes through `lowered_scaled`: eager and exported agree
+    with HF, the lowered StableHLO departs at layers.1.mlp.down and nowhere before."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.transformer_blocks[1].ff.w2.__class__ = LoweredScaledLinear  # same weights, same state dict
+
+
+def planted(name: str, config=None, model_class=None, tensor_names=None):
     """tiny_llama with one planted defect, built by decoder_builder so its tensor-name map is the pair's own."""
     return dataclasses.replace(tiny_llama.PAIR, name=f"tiny_llama_{name}", reauthored=decoder_builder(
-        config or tiny_llama.reauthored_config, litert_tiny_llama.TENSOR_NAMES, model_class or litert_tiny_llama.TinyLlama))
+        config or tiny_llama.reauthored_config, tensor_names or litert_tiny_llama.TENSOR_NAMES,
+        model_class or litert_tiny_llama.TinyLlama))
+
 
 
 # --- defects only a flatbuffer has ----------------------------------------------------------------------
