@@ -88,13 +88,3 @@ def decoder_builder(config_fn: Callable[[], cfg.ModelConfig], tensor_names, mode
     missing checkpoint tensor.
     """
     return functools.partial(_build_decoder, config_fn, tensor_names, model_class)
-
-
-def _call(reference: str, *args, **kwargs):
-    return resolve(reference)(*args, **kwargs)
-
-
-def builder(reference: str) -> Callable[..., Any]:
-    """A pair's `reauthored` that is litert-torch's own builder, named "module:function" and imported when
-    a model is built."""
-    return functools.partial(_call, reference)

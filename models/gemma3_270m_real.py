@@ -10,13 +10,21 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.pairs import ExportSettings, ModelPair
-from harness.reauthor import builder
+from harness.reauthor import decoder_builder
 from harness.workload import TextWorkload
 from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 
 # Ids of the first 200 tokens of each corpus document, from the GGUF's tokenizer (harness/data); regenerate
 # with realtext.write_prompts(tokenizer, 200, path) if the corpus changes (tests/test_real_model.py checks).
 PROMPTS = "gemma3_270m_prompts.json"
+EXAMPLE = "litert_torch.generative.examples.gemma3.decoder"  # litert-torch, imported when a model is built
+
+
+def reauthored_config():
+    """litert-torch's own Gemma 3 270M config (what its build_model_270m builds)."""
+    from litert_torch.generative.examples.gemma3 import decoder
+
+    return decoder.get_decoder_config_270m()
 
 
 def build_checkpoint(out: Path) -> None:
@@ -53,7 +61,10 @@ PAIR = ModelPair(
               "tied embedding", "262k vocab"),
     hf_class="Gemma3ForCausalLM",
     hf_config={},  # the checkpoint builder writes the real config
-    reauthored=builder("litert_torch.generative.examples.gemma3.decoder:build_model_270m"),
+    # build_model_270m's model, built by decoder_builder with the HF (safetensors) tensor-name map it tries
+    # first: a missing tensor is an error instead of a retry with the next map, and the map is the pair's
+    # own, so `harness explain` can match its modules.
+    reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES_SEP_QKV", f"{EXAMPLE}:Decoder"),
     # Windows of 1024 tokens read through prefill_256 reach past the 512-token sliding window.
     export=ExportSettings(prefill_lens=(128, 256), kv_cache_max=1024),
     workload=TextWorkload(prompt_lens=(16, 64, 160), new_tokens=16, prompts=prompts),
