@@ -38,11 +38,13 @@ class Point:
     take: str = "output"  # re-authored side: output | input (the first input) | q, k, v (of its fused qkv) | q_rope,
     # k_rope | logits (of the whole model, path "")
     hf_take: str = "output"  # HF side: the same, or fused_q, fused_k, fused_v of HF's own fused projection
+    declared: bool = False  # the pair's own (ModelPair.divergence_points), not the tensor-name map's
 
     @property
     def label(self) -> str:
         where = f"layer {self.layer} " if self.layer is not None else ""
-        return where + LABELS.get(self.name.rsplit(".", 1)[-1], self.name)
+        last = self.name.rsplit(".", 1)[-1]
+        return where + LABELS.get(last, last.replace("_", " "))
 
 
 def _parent(path: str) -> str:
@@ -94,6 +96,25 @@ def points_of(names: Any, num_layers: int) -> list[Point]:
     return points
 
 
+def with_declared(points: list[Point], declared, num_layers: int, pair_name: str) -> list[Point]:
+    """`points` with a pair's declared ones (harness.pairs.DivergencePoint) each inserted after its `after`."""
+    from harness.errors import HarnessError
+
+    points = list(points)
+    for d in declared:
+        per_layer = "{}" in d.hf or "{}" in d.reauthored
+        for layer in range(num_layers) if per_layer else (None,):
+            at = f"layers.{layer}." if per_layer else ""
+            index = next((i for i, p in enumerate(points) if p.name == at + d.after), None)
+            if index is None:
+                known = sorted({p.name.split(".", 2)[-1] if p.layer is not None else p.name for p in points})
+                raise HarnessError(f"pair {pair_name!r}: divergence point {d.name!r} comes after {d.after!r}, which is "
+                                   f"not one of its points ({', '.join(known)}); fix its `after`")
+            points.insert(index + 1, Point(at + d.name, layer, d.hf.format(layer), d.reauthored.format(layer), d.take,
+                                           d.hf_take, declared=True))
+    return points
+
+
 def pair_points(pair, model) -> list[Point]:
     """The points of a pair: by the tensor-name map its builder declares (harness.reauthor.decoder_builder's
     partial), else by the map of the litert-torch example module its model class (or a base class) comes from."""
@@ -107,7 +128,8 @@ def pair_points(pair, model) -> list[Point]:
         raise HarnessError(f"pair {pair.name!r}: neither its builder (not harness.reauthor.decoder_builder) nor its "
                            f"model class's module names a tensor-name map, so no module is known to match; build "
                            "it with decoder_builder to localise it")
-    return points_of(names, model.config.num_layers)
+    num_layers = model.config.num_layers
+    return with_declared(points_of(names, num_layers), pair.divergence_points, num_layers, pair.name)
 
 
 def as_rows(value, take: str, layout: dict) -> np.ndarray:
@@ -125,7 +147,7 @@ def as_rows(value, take: str, layout: dict) -> np.ndarray:
     elif take.startswith("fused_"):  # HF's own fused projection: [q heads, k heads, v heads]
         heads, groups, dim = layout["heads"], layout["groups"], layout["head_dim"]
         t = t.split((heads * dim, groups * dim, groups * dim), dim=-1)["qkv".index(take[-1])]
-    elif take.endswith("_rope") and layout.get("heads_first"):  # HF: [heads, position, dim]
+    elif (take.endswith("_rope") and layout.get("heads_first")) or take == "heads":  # [heads, position, dim]
         t = t.transpose(0, 1)
     return t.reshape(t.shape[0], -1).numpy().astype(np.float64)
 
@@ -157,9 +179,17 @@ def _rope_taps(attentions: dict[Any, int], module, function: str, record):
             h.remove()
 
 
+ABSENT = None  # what `capture` records for a declared point whose module the model lacks (with `absent`)
+
+
 @contextlib.contextmanager
-def capture(model, points: list[Point], side: str, layout: dict):
-    """Records every point of `side` ("hf" or "reauthored") while the model runs: name -> [position, features]."""
+def capture(model, points: list[Point], side: str, layout: dict, absent: bool = False):
+    """Records every point of `side` ("hf" or "reauthored") while the model runs: name -> [position, features].
+    A declared point needs its module: missing from HF (whose modules transformers fixes), it is a mistake in
+    the pair's file; missing from the re-authored side, it is recorded as ABSENT when `absent` (the eager
+    model against HF: that module is what the re-authoring lost), else left out."""
+    from harness.errors import HarnessError
+
     captured: dict[str, np.ndarray] = {}
     handles, rope = [], {}
     layout = dict(layout, heads_first=side == "hf")
@@ -167,7 +197,12 @@ def capture(model, points: list[Point], side: str, layout: dict):
     for p in points:
         module = modules.get(getattr(p, side))
         take = p.take if side == "reauthored" else p.hf_take
+        if module is None and p.declared and side == "hf":
+            raise HarnessError(f"divergence point {p.name!r}: the HF model has no module {p.hf!r}; fix the pair's "
+                               "divergence_points")
         if module is None:
+            if p.declared and absent:
+                captured[p.name] = ABSENT
             continue
         if take.endswith("_rope"):
             rope.setdefault(module, (p.layer, {}))[1][take] = p.name
@@ -220,6 +255,11 @@ class PointError:
     point: Point
     error: float
     position: int | None
+    absent: bool = False  # a declared point whose module the stage's model lacks: counted as wholly wrong (1.0)
+
+    @property
+    def label(self) -> str:
+        return self.point.label + (f" (absent: no module {self.point.reauthored})" if self.absent else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +277,7 @@ class Divergence:
     def metrics(self) -> dict[str, Any]:
         """A divergence record's metrics: the first divergent point, and the error at every point."""
         first = self.first
-        return {"point": first.point.name if first else None, "label": first.point.label if first else None,
+        return {"point": first.point.name if first else None, "label": first.label if first else None,
                 "layer": first.point.layer if first else None, "position": first.position if first else None,
                 "error": first.error if first else max((e.error for e in self.errors), default=0.0),
                 "tolerance": self.tolerance, "points": {e.point.name: e.error for e in self.errors}}
@@ -254,7 +294,13 @@ def point_error(point: Point, reference: np.ndarray, candidate: np.ndarray, tole
 def compare(stage: str, points: list[Point], reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
             tolerance: float) -> Divergence:
     """The points both sides recorded in the same shape, compared in forward order (a partial rotary's RoPE
-    output, say, is a slice on one side and whole on the other: not comparable, left out)."""
-    return Divergence(stage, tolerance, [point_error(p, reference[p.name], candidate[p.name], tolerance)
-                                         for p in points if p.name in reference and p.name in candidate
-                                         and reference[p.name].shape == candidate[p.name].shape])
+    output, say, is a slice on one side and whole on the other: not comparable, left out). A declared point
+    the candidate recorded as ABSENT counts as wholly wrong from position 0."""
+    errors = []
+    for p in points:
+        ours, theirs = reference.get(p.name, ABSENT), candidate.get(p.name, ABSENT)
+        if ours is not ABSENT and theirs is ABSENT and p.name in candidate:
+            errors.append(PointError(p, 1.0, 0, absent=True))
+        elif ours is not ABSENT and theirs is not ABSENT and ours.shape == theirs.shape:
+            errors.append(point_error(p, ours, theirs, tolerance))
+    return Divergence(stage, tolerance, errors)

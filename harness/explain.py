@@ -250,7 +250,7 @@ def repro_script(explanation: Explanation) -> str:
     first = explanation.divergence.first
     name = repro_name(explanation.pair, explanation.divergence.stage)
     return REPRO.format(stage=explanation.divergence.stage, pair=explanation.pair, point=first.point.name,
-                        label=first.point.label, position=first.position, prompt=explanation.prompt,
+                        label=first.label, position=first.position, prompt=explanation.prompt,
                         error=first.error, tolerance=explanation.divergence.tolerance, name=name,
                         models_dirs=list(explanation.models_dirs),
                         flatbuffer=repro_name(explanation.pair, explanation.divergence.stage, ".tflite")
@@ -272,7 +272,7 @@ def write_explanation(out: Path, explanation: Explanation) -> list[Path]:
 
     stage = explanation.divergence.stage
     written = [plot(explanation.divergence, Path(out) / f"divergence_{explanation.pair}_{stage}.png")]
-    if explanation.divergence.first:
+    if explanation.divergence.first and not explanation.divergence.first.absent:  # an absent module: nothing to run
         if explanation.flatbuffer:  # the artifact that diverged, not whatever a later build makes
             written.append(Path(out) / repro_name(explanation.pair, stage, ".tflite"))
             copy_atomic(explanation.flatbuffer, written[-1])

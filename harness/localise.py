@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from harness import stages
-from harness.divergence import Divergence, Point, capture, compare, layout_of, pair_points
+from harness.divergence import ABSENT, Divergence, Point, capture, compare, layout_of, pair_points
 from harness.errors import HarnessError
 from harness.records import FAIL, INFO, CheckResult
 
@@ -39,15 +39,15 @@ def run_points(hf_model, model, tokens: np.ndarray, points: list[Point], kv_cach
     runner = ReauthoredRunner(model, kv_cache_max)
     prompt_len = len(tokens) if prompt_len is None else min(prompt_len, len(tokens))
     steps = []
-    with capture(model, points, "reauthored", layout) as candidate:
+    with capture(model, points, "reauthored", layout, absent=True) as candidate:
         _, kv = runner.prefill(tokens[:prompt_len], runner.empty_kv())
     steps.append(candidate)
     for pos in range(prompt_len, len(tokens)):
-        with capture(model, points, "reauthored", layout) as step:
+        with capture(model, points, "reauthored", layout, absent=True) as step:
             _, kv = runner.decode(int(tokens[pos]), pos, kv)
         steps.append(step)
-    candidate = {name: np.concatenate([s[name] for s in steps]) for name in steps[0]
-                 if all(name in s for s in steps)}
+    candidate = {name: ABSENT if steps[0][name] is ABSENT else np.concatenate([s[name] for s in steps])
+                 for name in steps[0] if all(name in s for s in steps)}
     scale = model.config.embedding_scale
     embedding = next((p for p in points if p.name == "embedding"), None)
     if embedding and scale and hasattr(hf_model.get_submodule(embedding.hf), "embed_scale") and "embedding" in candidate:
@@ -220,7 +220,7 @@ def describe(divergence: Divergence) -> str:
     if first is None:
         return (f"nothing diverges: {len(divergence.errors)} matched points within {divergence.tolerance:.3g} "
                 f"(worst {max((e.error for e in divergence.errors), default=0.0):.3g})")
-    return (f"first divergence: {divergence.stage}, {first.point.label}, position {first.position} "
+    return (f"first divergence: {divergence.stage}, {first.label}, position {first.position} "
             f"({first.error:.3g}, tolerance {divergence.tolerance:.3g})")
 
 

@@ -2,9 +2,9 @@
 
 torch.export keeps each node's module stack (`nn_module_stack`), so a re-authored module path names the
 nodes it computed: its output is the last of them that a node outside it uses, its input the first
-activation from outside that one of them reads. Those nodes are appended to the program's outputs; the
-program so cut goes through the converter's FX passes and lowering as the stage's does (composites resolved
-the same way) and XlaCallModule returns every point beside the logits. The parent's values are the same
+activation from outside that one of them reads. A copy of the program returns those nodes after its own
+outputs; it goes through the converter's FX passes and lowering as the stage's program does (composites
+resolved the same way), and XlaCallModule returns every point beside the logits. The parent's values are the same
 nodes of the uncut program, run by torch (an FX interpreter over `ExportedProgram.module()`), so both sides
 read one tensor by construction. RoPE inside the attention is no module of its own: q/k after RoPE are left
 out, as on the exported side.
@@ -66,25 +66,35 @@ def find_nodes(program, points: list[Point]) -> Cut:
     return Cut(found, takes)
 
 
-def cut_program(program, cut: Cut):
-    """A copy of `program` that also returns every point's node, after its own outputs."""
+def cut_program(program, points: Cut):
+    """A new program, `program`'s graph copied (the original untouched), that also returns every point's node
+    after its own outputs."""
+    import torch
     import torch.utils._pytree as pytree
-    from torch.export.graph_signature import OutputKind, OutputSpec, TensorArgument
+    from torch.export.graph_signature import ExportGraphSignature, OutputKind, OutputSpec, TensorArgument
 
-    program = copy.deepcopy(program)
-    by_name = {n.name: n for n in program.graph.nodes}
-    output = next(n for n in program.graph.nodes if n.op == "output")
-    extra = [by_name[name] for name in cut.nodes.values()]
-    output.args = (tuple(output.args[0]) + tuple(extra),)
-    program.graph_signature.output_specs.extend(
-        OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in extra)
-    program.graph_module.recompile()
-    flat = pytree.tree_structure(tuple(range(len(output.args[0]))))  # the outputs as one flat tuple
-    for entry in program._module_call_graph:
+    graph, copied = torch.fx.Graph(), {}
+    outputs = graph.graph_copy(program.graph, copied)  # nodes copied, meta shared: no tensor is copied
+    by_name = {old.name: new for old, new in copied.items()}
+    extra = [by_name[name] for name in points.nodes.values()]
+    graph.output(tuple(outputs) + tuple(extra))
+    signature = ExportGraphSignature(
+        program.graph_signature.input_specs,
+        [*program.graph_signature.output_specs,
+         *(OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in extra)])
+    # A shallow copy with the new graph: a new ExportedProgram would be verified, and the converter's export
+    # leaves call targets (plain functions) the verifier refuses; the lowering takes them as they are.
+    cut = copy.copy(program)
+    cut._graph_module = torch.fx.GraphModule(program.graph_module, graph)
+    cut._graph_signature = signature
+    cut._module_call_graph = copy.deepcopy(program._module_call_graph)
+    cut._state_dict, cut._constants = dict(program.state_dict), dict(program.constants)  # dicts of its own
+    flat = pytree.tree_structure(tuple(range(len(outputs) + len(extra))))  # the outputs as one flat tuple
+    for entry in cut._module_call_graph:
         if entry.fqn == "" and entry.signature is not None:
             entry.signature.out_spec = flat
             entry.signature.outputs.extend(TensorArgument(n.name) for n in extra)
-    return program
+    return cut
 
 
 def exported_values(program, cut: Cut, flat_inputs) -> dict:

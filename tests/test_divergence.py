@@ -5,6 +5,7 @@ import dataclasses
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness import localise, report, stages, summary
@@ -86,7 +87,8 @@ FAMILY = {  # (pair, defect of tests/variants.FAMILY_DEFECTS): the first point i
     ("gemma2", "no_attention_softcap"): ("layers.0.attention.output", 1),
     ("gemma2", "every_layer_global"): ("layers.0.attention.output", 8),  # the first position past the window
     ("gemma3", "window_doubled"): ("layers.0.attention.output", 8),
-    ("gemma3", "no_qk_norm"): ("layers.0.attention.q_rope", 0),  # the QK norm sits between projection and RoPE
+    # gemma3 declares its QK norms as points (models/_points.py): the norm's module is gone, so it is absent.
+    ("gemma3", "no_qk_norm"): ("layers.0.attention.q_norm", 0),
     ("phi2", "full_rotary"): ("layers.0.attention.output", 1),  # partial RoPE outputs differ in shape: not matched
     ("qwen2_5", "no_qkv_bias"): ("layers.0.attention.q", 0),
 }
@@ -149,6 +151,33 @@ def test_divergence_line_renders_the_record():
                                               "(0.83, tolerance 0.0002)")
     record["metrics"] = dict(record["metrics"], point=None)
     assert summary.divergence_line(record).startswith("nothing diverges")
+
+
+def test_a_pairs_declared_points_sit_after_theirs_and_a_wrong_one_is_an_error(pairs, cache):
+    from harness.divergence import pair_points
+    from harness.errors import HarnessError
+    from harness.pairs import DivergencePoint, fingerprint
+
+    pair = pairs["gemma3"]
+    model, _ = build_reauthored(pair, reference_checkpoint(pair, cache), pair.export.kv_cache_max)
+    names = [p.name for p in pair_points(pair, model)]
+    for layer in (0, 1):
+        at = names.index(f"layers.{layer}.attention.v")
+        assert names[at + 1:at + 4] == [f"layers.{layer}.attention.q_norm", f"layers.{layer}.attention.k_norm",
+                                        f"layers.{layer}.attention.q_rope"], names
+    # Localisation's points shape no output: the golden's fingerprint of the pair does not move with them.
+    assert fingerprint(dataclasses.replace(pair, divergence_points=())) == fingerprint(pair)
+    misplaced = dataclasses.replace(pair, divergence_points=(
+        DivergencePoint("attention.x", "model.layers.{}.self_attn.q_norm", "transformer_blocks.{}.atten_func.query_norm",
+                        after="attention.vv"),))
+    with pytest.raises(HarnessError, match="comes after 'attention.vv', which is not one of its points"):
+        pair_points(misplaced, model)
+    misspelt = dataclasses.replace(pair, divergence_points=(
+        DivergencePoint("attention.x", "model.layers.{}.self_attn.qnorm", "transformer_blocks.{}.atten_func.query_norm",
+                        after="attention.v"),))
+    hf_model = load_hf(pair, reference_checkpoint(pair, cache))
+    with pytest.raises(HarnessError, match="the HF model has no module 'model.layers.0.self_attn.qnorm'"):
+        localise.localise_reauthored(misspelt, hf_model, model, np.asarray(make_prompts(pair)[0]), 1e-4)
 
 
 def test_a_pair_without_a_tensor_name_map_is_refused(pairs, cache):

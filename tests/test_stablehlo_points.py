@@ -11,7 +11,7 @@ from harness.divergence import pair_points
 from harness.lowering import converter_signatures, export_programs
 from harness.pairs import scan
 from harness.pipeline import verify_pair
-from harness.stablehlo_points import find_nodes
+from harness.stablehlo_points import cut_program, find_nodes
 from harness.workload import greedy_trajectory, make_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,10 @@ def test_each_point_reads_the_node_its_module_computed_last_or_took_first(tiny_l
     assert "module.transformer_blocks.1.ff.w2" not in str(down_input.meta["nn_module_stack"])
     assert "mul" in down_input.target.__name__, down_input.target
     assert cut.takes["layers.0.attention.k"] == "k"  # split from the fused projection as the hooks split it
+    cut_open = cut_program(program, cut)
+    assert len(cut_open.graph_signature.output_specs) == 5 + len(cut.nodes)  # logits, 4 KV tensors, the points
+    assert len(program.graph_signature.output_specs) == 5  # the stage's own program is untouched
+    assert len(next(n for n in program.graph.nodes if n.op == "output").args[0]) == 5
 
 
 def test_a_lowering_only_defect_is_localised_at_stablehlo_and_only_there(options):
