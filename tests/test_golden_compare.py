@@ -26,7 +26,14 @@ def test_clean_run_matches_its_golden_and_the_committed_one(tiny_llama, tiny_lla
                                                "tflite_dynamic_int8"}
         assert all(r.status == PASS for r in results), [r.message for r in results if r.status != PASS]
         assert not any(r.metrics["changed"] for r in results)
-        assert all(r.metrics["max_abs_err"] <= 5.1e-5 for r in results)  # rounding to 4 decimals only
+        # On the recording's CPU: rounding to 4 decimals only. On another, XNNPack picks other kernels by ISA:
+        # float stages move by float noise beyond the rounding (5.13e-5 for the committed AVX2 golden on an
+        # AVX-512 VNNI host), a quantized stage by more (up to 1e-4 there, inside its gate), so it is left out.
+        same_cpu = set(golden.load(directory, tiny_llama)["provenance"]["host"]["isa"]) == set(isa_features())
+        bound = 5.1e-5 if same_cpu else 6e-5
+        rounding_only = [r for r in results if same_cpu or not stages.is_quantized(r.stage)]
+        assert rounding_only and all(r.metrics["max_abs_err"] <= bound for r in rounding_only), [
+            (r.stage, r.metrics["max_abs_err"]) for r in rounding_only]
 
 
 def test_wrong_rope_base_is_caught_by_the_golden_check(rope_report):
@@ -114,11 +121,13 @@ def test_another_cpus_rounding_passes_the_quantized_golden(pairs, pair_report, o
 
 def test_the_message_names_another_cpu(tiny_llama, tiny_llama_report, options, recorded, tmp_path):
     doc = golden.load(recorded, tiny_llama)
-    doc["provenance"]["host"]["isa"] = [*isa_features(), "avx512f", "avx512_vnni"]
+    # The other CPU differs from this one in AVX-512 F and VNNI, whichever this one has.
+    doc["provenance"]["host"]["isa"] = sorted(set(isa_features()) ^ {"avx512f", "avx512_vnni"})
     golden.save(tmp_path, doc)
     results = by_stage(golden.GoldenCheck(tmp_path).check(tiny_llama, tiny_llama_report.state.logits, tiny_llama_report.state.trajectories, options.gates))
     assert all(r.status == PASS for r in results.values())
-    assert "another CPU: recorded with avx512_vnni, avx512f" in results["tflite_dynamic_int8"].message
+    message = results["tflite_dynamic_int8"].message
+    assert "another CPU: recorded with " in message and "avx512_vnni, avx512f" in message, message
 
 
 # Recorded on a host with AVX-512 VNNI/BF16 (tests/fixtures/goldens-avx512vnni/README.md); the committed
