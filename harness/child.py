@@ -4,11 +4,14 @@ The parent writes the job ({"kind", "payload"}) to a file and starts `python -m 
 The child runs the handler registered for the kind; it reports events (progress lines) on stdout as
 JSON lines behind EVENT, and may write partial results as it goes, so a child that dies keeps what it
 finished. A fresh process per job keeps one model's crash, allocator state or packed weights away
-from the next: `harness verify` runs one pair per child, `harness bench` one measurement.
+from the next: `harness verify` runs one pair per child, `harness bench` one measurement. Inside
+`forking()`, jobs that ask for it are forked from a server that imported the libraries once
+(harness.forkserver): still a process per job, without paying the imports again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -75,19 +78,81 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, default=str))
 
 
+_server = None  # the fork server of the innermost forking() block
+
+
+@contextlib.contextmanager
+def forking():
+    """Jobs run with forked=True inside the block are forked from one server that imported the libraries once."""
+    global _server
+    from harness.forkserver import ForkServer
+
+    outer = _server
+    _server = outer or ForkServer(_environment(None))
+    try:
+        yield
+    finally:
+        if outer is None:
+            _server.close()
+            _server = None
+
+
+class _Forked:
+    """A child forked by the server, with the parts of subprocess.Popen that run() and _stop() use."""
+
+    def __init__(self, server, pid: int, output: int):
+        self.server, self.pid, self.returncode = server, pid, None
+        self.stdout = os.fdopen(output, "r", buffering=1, errors="replace")
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = self.server.wait(self.pid, timeout)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"child {self.pid}", timeout) from None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _environment(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+
+
+def _start(job_path: Path, result_path: Path, env: dict[str, str] | None, forked: bool):
+    """The child: forked from the server when asked and one is open (and no environment of its own is
+    asked for, which only a fresh process can honour), else a fresh `python -m harness.child`."""
+    if forked and _server is not None and env is None:
+        from harness.forkserver import ServerGone
+
+        try:
+            pid, output = _server.spawn(job_path, result_path)
+            return _Forked(_server, pid, output)
+        except ServerGone as e:
+            print(f"edge-parity: {e}; running the job in a fresh process", file=sys.stderr)
+    return subprocess.Popen([sys.executable, "-m", "harness.child", str(job_path), str(result_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=_environment(env), errors="replace")
+
+
 def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | None = None,
-        timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs one job in a fresh Python process; returns its result or raises ChildFailed. `kind` is a name in
-    HANDLERS or a handler's own "module:function"."""
+        timeout: float | None = None, env: dict[str, str] | None = None, forked: bool = False) -> dict[str, Any]:
+    """Runs one job in a process of its own; returns its result or raises ChildFailed. `kind` is a name in
+    HANDLERS or a handler's own "module:function". `forked`: fork it from the open server (see forking())."""
     if kind not in HANDLERS and ":" not in kind:
         raise ValueError(f"no child handler for {kind!r}")
     with tempfile.TemporaryDirectory(prefix="edge-parity-child-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps({"kind": kind, "payload": payload}, default=str))
-        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-        proc = subprocess.Popen([sys.executable, "-m", "harness.child", str(job_path), str(result_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=environment)
+        proc = _start(job_path, result_path, env, forked)
         tail: list[str] = []
         try:
             for line in proc.stdout:
@@ -104,6 +169,8 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
             proc.kill()
             proc.wait()
             raise
+        finally:
+            proc.stdout.close()
         written = _read(result_path)
     if code == 0 and written is not None and not written.get("partial"):
         return written["result"]

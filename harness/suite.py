@@ -1,4 +1,4 @@
-"""Runs several pairs, each in a fresh process so a crash in one never loses the others' results.
+"""Runs several pairs, each in a process of its own so a crash in one never loses the others' results.
 
 `run_suite` is the library call `harness verify` makes: a RunConfig in, the parity document out (written
 atomically after every pair). Each pair's child receives the same RunConfig as JSON (harness.child).
@@ -6,6 +6,7 @@ atomically after every pair). Each pair's child receives the same RunConfig as J
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -95,7 +96,7 @@ def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: 
     Ctrl-C a PairInterrupted holding what the child finished."""
     try:
         return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name},
-                                          on_event=lambda event: echo(event["progress"])))
+                                          on_event=lambda event: echo(event["progress"]), forked=True))
     except child.Interrupted as stop:
         raise PairInterrupted(_stopped_report(pair, options, report_from_json(
             stop.partial["result"] if stop.partial else _empty_report(pair.name)))) from None
@@ -158,7 +159,9 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                              "timings": rep.timings, "notes": rep.notes}
 
     report.write_reports(out, document_with(pairs, RUNNING))
-    with options.cache:  # a private cache (--no-cache) is removed with the run
+    # A private cache (--no-cache) is removed with the run; isolated pairs fork from one server that
+    # imported the libraries once.
+    with options.cache, (child.forking() if config.isolate and len(pairs) > 1 else contextlib.nullcontext()):
         for index, pair in enumerate(pairs):
             try:
                 rep = (run_isolated(config, pair, options, echo) if config.isolate

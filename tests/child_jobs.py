@@ -17,3 +17,15 @@ def dies_after_saving(payload, channel):
     channel.partial({"done": ["first stage"]})
     print("last words", flush=True)
     os._exit(9)
+
+
+def whoami(payload, channel):
+    channel.event(step=0)
+    return {"pid": os.getpid(), "ppid": os.getppid()}
+
+
+def segfaults(payload, channel):
+    import signal
+
+    channel.partial({"done": ["before the crash"]})
+    os.kill(os.getpid(), signal.SIGSEGV)

@@ -35,3 +35,54 @@ def test_a_child_that_dies_keeps_what_it_saved():
 def test_an_unknown_kind_is_refused_before_a_process_starts():
     with pytest.raises(ValueError, match="no child handler"):
         child.run("no_such_kind", {})
+
+
+@pytest.fixture(scope="module")
+def forking():
+    """One fork server for these tests (it imports torch, TensorFlow and litert-torch once: ~8 s)."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT  # the server, and so each forked child, imports tests.child_jobs
+    try:
+        with child.forking():
+            yield child._server
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def test_forked_jobs_come_from_one_server_each_in_a_process_of_its_own(forking):
+    events = []
+    first = child.run("tests.child_jobs:whoami", {}, on_event=events.append, forked=True)
+    second = child.run("tests.child_jobs:whoami", {}, forked=True)
+    assert first["ppid"] == second["ppid"] == forking._proc.pid != os.getpid()
+    assert first["pid"] != second["pid"] and events == [{"step": 0}]
+    fresh = child.run("tests.child_jobs:whoami", {}, forked=False)  # not asked: a fresh interpreter, as before
+    assert fresh["ppid"] == os.getpid()
+    own_env = child.run("tests.child_jobs:whoami", {}, env=ENV, forked=True)  # only a fresh process honours env
+    assert own_env["ppid"] == os.getpid()
+
+
+def test_a_forked_child_that_dies_keeps_what_it_saved_and_the_server_goes_on(forking):
+    with pytest.raises(child.ChildFailed) as failed:
+        child.run("tests.child_jobs:dies_after_saving", {}, forked=True)
+    assert failed.value.code == 9 and failed.value.partial == {"done": ["first stage"]}
+    assert "last words" in failed.value.tail
+    with pytest.raises(child.ChildFailed) as crashed:
+        child.run("tests.child_jobs:segfaults", {}, forked=True)
+    assert crashed.value.code == -11 and crashed.value.partial == {"done": ["before the crash"]}
+    assert child.run("tests.child_jobs:echo", {"value": 1, "events": 0}, forked=True) == {"echo": 1}
+
+
+def test_a_failing_forked_job_reports_its_traceback(forking):
+    with pytest.raises(child.ChildFailed) as failed:
+        child.run("tests.child_jobs:raises", {}, forked=True)
+    assert failed.value.code != 0 and "injected: the job failed" in str(failed.value)
+
+
+def test_a_server_that_died_is_replaced(forking):
+    forking._proc.kill()
+    forking._proc.wait()
+    assert child.run("tests.child_jobs:echo", {"value": 2, "events": 0}, forked=True) == {"echo": 2}
+    assert forking._proc.poll() is None
