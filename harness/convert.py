@@ -18,10 +18,14 @@ TFLITE = "tflite"  # the cache's kind for flatbuffers
 
 def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict) -> dict:
     """Everything that affects a converted artifact (not the pair's prose, workload or checks): the builder,
-    the weights, the export settings, the recipe, the harness's conversion code and the libraries' code."""
+    the harness's code that loads it, the weights, the export settings, the recipe, the harness's conversion
+    code and the libraries' code."""
+    from harness.checkpoint import build_reauthored
+
     return {
         "pair": pair.name,
         "reauthored": describe(pair.reauthored),
+        "reauthored_loader": describe(build_reauthored),
         "weights": dir_digest(checkpoint),
         "prefill_lens": list(pair.export.prefill_lens),
         "kv_cache_max": pair.export.kv_cache_max,
@@ -30,6 +34,18 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict
         "conversion_code": describe(convert),
         "libraries": libraries,
     }
+
+
+def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: tuple[str, ...]) -> dict:
+    """Everything that affects the lowered StableHLO of the stablehlo stage: what shapes the model and its
+    export (as for a flatbuffer), the harness's export and lowering code, and which bodies are kept as lowered."""
+    from harness import lowering
+
+    key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries).items()
+           if k not in ("recipe", "conversion_code")}
+    return {**key, "export_code": describe([lowering.converter_signatures, lowering.export_programs]),
+            "lowering_code": describe([lowering.lower_programs, lowering.save_lowered, lowering.load_lowered]),
+            "inline_weights": True, "bodies_of": list(bodies_of)}
 
 
 def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True) -> Path:

@@ -204,6 +204,72 @@ def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_wei
     return lowered, resolved, bodies
 
 
+STABLEHLO_KIND = "stablehlo"  # the cache's kind for lowered modules
+_SIGNATURES = "signatures.json"  # per module: its input and output signatures; the module is <name>.mlirbc
+
+
+def _signature_json(signature) -> dict:
+    spec = signature.input_spec
+    return {"shape": list(signature.shape), "dtype": str(signature.dtype).removeprefix("torch."),
+            "input_spec": None if spec is None else {"type": spec.type_.value, "i": spec.i, "name": spec.name}}
+
+
+def _signature_from(data: dict):
+    from litert_torch.backend.export import InputSpec, VariableSignature
+
+    spec = data["input_spec"]
+    return VariableSignature(data["shape"], getattr(torch, data["dtype"]), None if spec is None else InputSpec(
+        InputSpec.VariableType(spec["type"]), spec["i"], spec["name"]))
+
+
+def save_lowered(out, lowered: dict, resolved: dict, bodies: dict) -> None:
+    """Writes what lower_programs returned (weights inlined: no state dict) as bytecode and JSON."""
+    import json
+    from pathlib import Path
+
+    modules = {**{name: ("lowered", m) for name, m in lowered.items()},
+               **{f"{name}.as_lowered": ("bodies", m) for name, m in bodies.items()}}
+    index = {"resolved": resolved, "modules": {}}
+    for file, (group, module) in modules.items():
+        if module.state_dict:
+            raise ValueError("only modules with their weights inlined are cached")
+        (Path(out) / f"{file}.mlirbc").write_bytes(module.module_bytecode)
+        index["modules"][file] = {"group": group, "name": file.removesuffix(".as_lowered"),
+                                  "inputs": [_signature_json(s) for s in module.input_signature],
+                                  "outputs": [_signature_json(s) for s in module.output_signature]}
+    (Path(out) / _SIGNATURES).write_text(json.dumps(index, indent=1, sort_keys=True))
+
+
+def load_lowered(entry):
+    """lower_programs' (lowered, resolved, bodies) from a cache entry save_lowered wrote."""
+    import json
+    from pathlib import Path
+
+    from litert_converter.mlir import ir
+    from litert_torch.backend import export_utils
+    from litert_torch.backend.export import MlirLowered
+
+    index = json.loads((Path(entry) / _SIGNATURES).read_text())
+    groups: dict[str, dict] = {"lowered": {}, "bodies": {}}
+    for file, meta in index["modules"].items():
+        context = export_utils.create_ir_context()
+        with context:
+            module = ir.Module.parse((Path(entry) / f"{file}.mlirbc").read_bytes())
+        groups[meta["group"]][meta["name"]] = MlirLowered(
+            context, module, {}, [_signature_from(s) for s in meta["inputs"]],
+            [_signature_from(s) for s in meta["outputs"]])
+    return groups["lowered"], index["resolved"], groups["bodies"]
+
+
+def cached_lowering(cache, key: dict, programs: dict, bodies_of: tuple[str, ...]):
+    """lower_programs with weights inlined, through the cache: a hit skips the FX passes and MLIR lowering
+    (~4 s a tiny pair), and what runs is always what the entry holds. A miss lowers `programs` in place,
+    as lower_programs does. Returns the entry and lower_programs' (lowered, resolved, bodies)."""
+    entry = cache.get_or_build(STABLEHLO_KIND, key, lambda out: save_lowered(
+        out, *lower_programs(programs, inline_weights=True, bodies_of=bodies_of)))
+    return entry, load_lowered(entry)
+
+
 # XlaCallModule receives the module as text inside a protobuf, which caps at 2 GiB; the
 # lowered module inlines every weight as a hex literal (two characters per byte).
 XLA_CALL_MODULE_LIMIT = 2**31

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
-from harness import provenance
+from harness import provenance, stages
 from harness.cache import ArtifactCache, cache_key
 from harness.checkpoint import checkpoint_key
+from harness.config import RunConfig
+from harness.pipeline import RunOptions, verify_pair
 
 
 @pytest.fixture
@@ -109,3 +112,45 @@ def test_keys_hold_no_directory_of_this_machine(tiny_llama, cache):
         for where in {sys.prefix, sys.base_prefix, str(PROJECT_ROOT), str(Path.home())}:
             assert where not in text, f"the {kind} key holds {where}"
         assert "$PYTHON_PREFIX" in text or kind == "checkpoint"  # the libraries' location is kept, by its label
+
+
+def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, monkeypatch):
+    """The lowered StableHLO is cached: editing how the harness resolves litert-torch's markers (or anything
+    lower_programs reads) must miss, never serve the module the old code lowered."""
+    from harness import lowering
+    from harness.checkpoint import reference_checkpoint
+    from harness.convert import artifact_key, lowering_key
+
+    checkpoint = reference_checkpoint(tiny_llama, cache)
+    before = lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_8",))
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_16",))) != cache_key(before)
+
+    def resolve_tensor_markers(module, composites=True):  # other code under the same name
+        return {}
+
+    monkeypatch.setattr(lowering, "resolve_tensor_markers", resolve_tensor_markers)
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_8",))) != cache_key(before)
+    # The builder's loader shapes every artifact: flatbuffer and StableHLO keys both hold it.
+    assert "reauthored_loader" in before and "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none",
+                                                                                 cache.code_digests())
+
+
+def test_the_stablehlo_stage_from_the_cache_gives_the_records_it_gave_when_it_lowered(tiny_llama, gates, tmp_path):
+    """Cold (a miss: lowered, stored, read back) and warm (a hit, in a new cache object as a new process has) give
+    the same logits to the bit and the same records; the second run lowers nothing."""
+    from harness.lowering import STABLEHLO_KIND
+
+    runs = []
+    for _ in range(2):
+        cache = ArtifactCache(tmp_path / "cache")
+        options = RunOptions(RunConfig(stages=(stages.STABLEHLO,)), gates, cache)
+        report = verify_pair(tiny_llama, options)
+        runs.append((report, [n for n in cache.hits if n.startswith(STABLEHLO_KIND)],
+                     [n for n in cache.misses if n.startswith(STABLEHLO_KIND)]))
+    (cold, cold_hits, cold_misses), (warm, warm_hits, warm_misses) = runs
+    assert len(cold_misses) == 1 and not cold_hits and warm_hits == cold_misses and not warm_misses
+    for a, b in zip(cold.state.logits[stages.STABLEHLO], warm.state.logits[stages.STABLEHLO]):
+        assert np.array_equal(a, b)
+    assert [(r.stage, r.check, r.status, r.metrics) for r in cold.results] == [
+        (r.stage, r.check, r.status, r.metrics) for r in warm.results]
+    assert warm.notes["artifacts"][stages.STABLEHLO]["key"] == cold_misses[0]

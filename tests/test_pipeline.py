@@ -94,6 +94,16 @@ def test_too_low_init_std_fails_sensitivity(options):
 
 # ---------------------------------------------------------------- a declared defect excuses only itself
 
+@pytest.fixture
+def private(options, tmp_path):
+    """The run options with a private cache: a patched lowering must neither be served the shared cache's
+    clean StableHLO nor publish its own."""
+    from harness.cache import ArtifactCache
+
+    with ArtifactCache(tmp_path / "cache", shared=False) as cache:
+        yield options.derive(cache=cache)
+
+
 def _patched_lowering(monkeypatch, op, wrap):
     """Plants a defect in litert-torch's torch->StableHLO lowering of `op`: its JAX lowering, wrapped."""
     from litert_torch.backend.lowerings import registry
@@ -106,13 +116,13 @@ def _patched_lowering(monkeypatch, op, wrap):
     lowerings.lower_by_jax(op)(lambda *args, **kwargs: wrap(original(*args, **kwargs)))
 
 
-def test_a_stablehlo_only_lowering_defect_fails_at_stablehlo_despite_the_declared_gelu_defect(pairs, options,
+def test_a_stablehlo_only_lowering_defect_fails_at_stablehlo_despite_the_declared_gelu_defect(pairs, private,
                                                                                               monkeypatch):
     """A GELU body lowered wrong (x1.5): the flatbuffer builds GELU from the composite's attribute, the
     eager and exported models never see the body; the composite_body record at stablehlo does, and the
     pair's declared GELU defect does not excuse it (outside its band)."""
     _patched_lowering(monkeypatch, torch.ops.aten.gelu, lambda y: y * 1.5)
-    options = options.derive(stages=(stages.STABLEHLO,))
+    options = private.derive(stages=(stages.STABLEHLO,))
     results = by_stage(verify_pair(pairs["phi2"], options))
     assert results["exported"]["logits"].status == PASS
     assert results["stablehlo"]["logits"].status == PASS  # resolved from the attribute, as the converter does
@@ -121,24 +131,24 @@ def test_a_stablehlo_only_lowering_defect_fails_at_stablehlo_despite_the_declare
     assert body.metrics["max_abs_err"] > 0.1
 
 
-def test_a_logit_error_at_stablehlo_is_not_excused_by_the_declared_gelu_defect(pairs, options, monkeypatch):
+def test_a_logit_error_at_stablehlo_is_not_excused_by_the_declared_gelu_defect(pairs, private, monkeypatch):
     """RoPE's cos lowered 10% off: stablehlo logits fail outright on a pair that declares a stablehlo defect."""
     _patched_lowering(monkeypatch, torch.ops.aten.cos, lambda y: y * 1.1)
-    options = options.derive(stages=(stages.STABLEHLO,))
+    options = private.derive(stages=(stages.STABLEHLO,))
     results = by_stage(verify_pair(pairs["phi2"], options))
     logits = results["stablehlo"]["logits"]
     assert logits.status == FAIL and logits.defect is None, logits.message
     assert results["stablehlo"]["composite_body"].status == XFAIL  # the declared defect itself, within its band
 
 
-def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_defect(pairs, options, monkeypatch):
+def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_defect(pairs, private, monkeypatch):
     from harness import lowering
 
     def crash(*args, **kwargs):
         raise RuntimeError("injected: the lowering crashed")
 
     monkeypatch.setattr(lowering, "lower_programs", crash)
-    results = by_stage(verify_pair(pairs["phi2"], options.derive(stages=(stages.STABLEHLO,))))
+    results = by_stage(verify_pair(pairs["phi2"], private.derive(stages=(stages.STABLEHLO,))))
     assert results["stablehlo"]["stage"].status == ERROR
     assert "injected: the lowering crashed" in results["stablehlo"]["stage"].message
 
