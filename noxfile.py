@@ -102,3 +102,10 @@ def bench_full(session: nox.Session) -> None:
     """XNNPack performance of the real Gemma 3 270M's flatbuffers (converted on first use): reports/full/perf.*."""
     args = session.posargs or ["--models", "gemma3_270m_real"]
     run(session, "harness", "bench", "--suite", "full", "--out", "reports/full", *args, extras=("real",))
+
+
+@nox.session(venv_backend="none")
+def selfbench(session: nox.Session) -> None:
+    """Where the harness's own time goes, cold and warm; `-- --base REF` runs REF's harness side by side,
+    alternating, and reports ratios (reports/selfbench). Arguments after `--` past its own go to verify."""
+    run(session, "python", "-m", "harness.selfbench", *session.posargs)

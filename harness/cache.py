@@ -10,6 +10,7 @@ directory of its own and never publishes to the shared one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,15 +96,26 @@ class ArtifactCache:
         return entry
 
     def get_or_build(self, kind: str, parts: dict[str, Any], build: Callable[[Path], None]) -> Path:
-        """Returns the artifact directory, building it (atomically) on a miss, a damaged entry, or privately."""
+        """Returns the artifact directory, building it (atomically) on a miss, a damaged entry, or privately.
+        Processes sharing the cache (pairs side by side, a test run beside a verify) build an entry once: the
+        others wait for it on its lock file (<kind>/<key>.lock) and are served what it built."""
         key = cache_key(parts)
-        name = f"{kind}/{key}"
         final = self.store / kind / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(final.parent / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._get_or_build(kind, parts, build, key, final)
+        finally:
+            os.close(lock)  # releases the lock
+
+    def _get_or_build(self, kind: str, parts: dict[str, Any], build: Callable[[Path], None], key: str,
+                      final: Path) -> Path:
+        name = f"{kind}/{key}"
         if self.lookup(kind, parts) is not None:
             self.hits.append(name)
             return final
         self.misses.append(name)
-        final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
             build(staging)

@@ -20,6 +20,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +69,8 @@ class Channel:
 
     def event(self, **event: Any) -> None:
         print(EVENT + json.dumps(event, default=str), flush=True)
+        if _stop_requested:  # the Ctrl-C was swallowed where it landed (a finalizer run by gc): stop here instead
+            raise KeyboardInterrupt
 
     def partial(self, result: dict[str, Any]) -> None:
         _write(self.result_path, {"partial": True, "result": result})
@@ -79,6 +83,8 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 _server = None  # the fork server of the innermost forking() block
+_running: set = set()  # the children run() is waiting for, in any thread (stop_running's to stop)
+_running_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -153,6 +159,8 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps({"kind": kind, "payload": payload}, default=str))
         proc = _start(job_path, result_path, env, forked)
+        with _running_lock:
+            _running.add(proc)
         tail: list[str] = []
         try:
             for line in proc.stdout:
@@ -171,6 +179,8 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
             raise
         finally:
             proc.stdout.close()
+            with _running_lock:
+                _running.discard(proc)
         written = _read(result_path)
     if code == 0 and written is not None and not written.get("partial"):
         return written["result"]
@@ -193,6 +203,27 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def stop_running(grace: float = STOP_GRACE_S) -> None:
+    """Ctrl-C for children other threads wait for (harness verify -j): each is asked to stop as Ctrl-C would,
+    given `grace` seconds for its cleanup, then killed. Their run() calls then end with exit code 130 (or the
+    signal), which callers read as interrupted."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with _running_lock:
+            if not _running:
+                return
+        time.sleep(0.1)
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        proc.kill()
+
+
 def main(argv: list[str]) -> int:
     """The child's entry point: runs the job's handler and writes its result."""
     job = json.loads(Path(argv[0]).read_text())
@@ -209,8 +240,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+_stop_requested = False  # set by the first SIGINT: the job stops at the next event even if that raise was lost
+
+
 def _interrupt_once(signum, frame) -> None:
     """The first SIGINT stops the job; later ones (the terminal's and the parent's) must not cut its cleanup short."""
+    global _stop_requested
+    _stop_requested = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 

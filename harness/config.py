@@ -57,6 +57,7 @@ class RunConfig:
     against: str | None = dataclasses.field(default=None, **_help("'golden': the release gate"))
     out: str | None = dataclasses.field(default=None, **_help("report directory"))
     isolate: bool = dataclasses.field(default=True, **_help("one child process per pair"))
+    jobs: int | None = dataclasses.field(default=None, **_help("pairs run at once; None: suite.auto_jobs"))
     changed_since: str | None = dataclasses.field(default=None, **_help("git ref: only the pairs changed since"))
     shard: str | None = dataclasses.field(default=None, **_help("'I/N': this run's share of the pairs"))
 
@@ -84,6 +85,10 @@ class RunConfig:
         unknown = [st for st in self.stages or () if st not in known]
         if unknown:
             raise HarnessError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        if self.jobs is not None and self.jobs < 1:
+            raise HarnessError(f"--jobs {self.jobs}: give a positive number of pairs to run at once")
+        if self.jobs not in (None, 1) and not self.isolate:
+            raise HarnessError(f"--jobs {self.jobs} runs pairs in child processes side by side; drop --in-process")
         if self.against not in (None, "golden"):
             raise HarnessError(f"--against {self.against!r}: the only reference is 'golden'")
         for directory in self.models_dirs:
@@ -208,6 +213,9 @@ def output_group(parser: argparse.ArgumentParser, default: str | None = "reports
 
 def isolation_group(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true", help="run pairs in this process, not one child each (for debugging; a crash then stops the run)")
+    parser.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                        help="pairs run at once, each in its own process (default: one per core, at most 2, for "
+                             "tiny pairs; 1 when a real model is selected)")
 
 
 def selection_group(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 # What every verify job imports: loaded once in the server (a module not here is imported in the child).
@@ -34,13 +36,19 @@ class ServerGone(RuntimeError):
 
 
 class ForkServer:
-    """The parent's side: starts the server on first use, hands it jobs, reads each child's output."""
+    """The parent's side: starts the server on first use, hands it jobs, reads each child's output. Safe to
+    use from several threads (harness verify -j): one spawn at a time, any thread may wait for its child."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
-        self._pending: list[dict] = []  # messages read while waiting for another
+        self._spawning = threading.Lock()  # one request in flight: the next "pid" answer is its own
+        self._messages = threading.Condition()  # guards what follows
+        self._pending: list[dict] = []  # messages read, not yet taken
+        self._buffer = b""  # a message's start, read before its end
+        self._reading = False  # a thread is reading the socket; others wait for what it reads
+        self._gone: str | None = None
 
     def _start(self) -> None:
         parent, child = socket.socketpair()
@@ -48,60 +56,82 @@ class ForkServer:
                                       pass_fds=(child.fileno(),), env=self.env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         child.close()
-        self._sock = parent
+        with self._messages:
+            self._sock, self._pending, self._buffer, self._gone = parent, [], b"", None
         ready = self._receive(lambda m: "ready" in m)
         if not ready["ready"]:
             raise ServerGone(f"the fork server could not import its libraries: {ready.get('error')}")
 
     def spawn(self, job_path: Path, result_path: Path) -> tuple[int, int]:
         """Forks a child for the job; returns its pid and the read end of its output pipe."""
-        if self._proc is None or self._proc.poll() is not None:
-            self.close()
-            self._start()
-        read, write = os.pipe()
-        try:
-            sigint = "ignore" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "default"
-            message = json.dumps({"job": str(job_path), "result": str(result_path), "sigint": sigint}).encode()
+        with self._spawning:
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop_server()
+                self._start()
+            read, write = os.pipe()
             try:
-                socket.send_fds(self._sock, [message], [write])
-            except OSError as e:
-                raise ServerGone(f"the fork server is gone ({e})") from None
-        finally:
-            os.close(write)
-        try:
-            started = self._receive(lambda m: "pid" in m and "code" not in m)
-        except ServerGone:
-            os.close(read)
-            raise
-        return started["pid"], read
+                sigint = "ignore" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "default"
+                message = json.dumps({"job": str(job_path), "result": str(result_path), "sigint": sigint}).encode()
+                try:
+                    socket.send_fds(self._sock, [message], [write])
+                except OSError as e:
+                    raise ServerGone(f"the fork server is gone ({e})") from None
+            finally:
+                os.close(write)
+            try:
+                started = self._receive(lambda m: "pid" in m and "code" not in m)
+            except ServerGone:
+                os.close(read)
+                raise
+            return started["pid"], read
 
     def wait(self, pid: int, timeout: float | None = None) -> int:
         """The child's exit code (negative: the signal that ended it), as subprocess reports it."""
         return self._receive(lambda m: m.get("pid") == pid and "code" in m, timeout)["code"]
 
     def _receive(self, wanted, timeout: float | None = None) -> dict:
-        for i, message in enumerate(self._pending):
-            if wanted(message):
-                return self._pending.pop(i)
-        buffer = b""
-        while True:
-            ready, _, _ = select.select([self._sock], [], [], timeout)
-            if not ready:
-                raise TimeoutError("the fork server's child did not finish in time")
-            chunk = self._sock.recv(_MESSAGE)
-            if not chunk:
-                raise ServerGone(f"the fork server exited (code {self._proc.poll()})")
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                message = json.loads(line)
-                if wanted(message):
-                    self._pending.extend(json.loads(rest) for rest in buffer.split(b"\n") if rest)
-                    return message
-                self._pending.append(message)
+        """The first message `wanted` accepts: read by this thread, or by another that was reading."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._messages:
+            while True:
+                for i, message in enumerate(self._pending):
+                    if wanted(message):
+                        return self._pending.pop(i)
+                if self._gone:
+                    raise ServerGone(self._gone)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("the fork server's child did not finish in time")
+                if self._reading:
+                    self._messages.wait(left)
+                    continue
+                self._reading = True
+                sock = self._sock
+                self._messages.release()
+                reason = None
+                try:
+                    ready, _, _ = select.select([sock], [], [], 1.0 if left is None else min(left, 1.0))
+                    chunk = sock.recv(_MESSAGE) if ready else None
+                except OSError as e:
+                    chunk = b""
+                    reason = f"the fork server is gone ({e})"
+                finally:
+                    self._messages.acquire()
+                    self._reading = False
+                    self._messages.notify_all()
+                if chunk == b"":
+                    self._gone = reason or f"the fork server exited (code {self._proc.poll()})"
+                elif chunk:
+                    self._buffer += chunk
+                    *lines, self._buffer = self._buffer.split(b"\n")
+                    self._pending.extend(json.loads(line) for line in lines if line)
 
     def close(self) -> None:
         """Stops the server (its children, if any still run, finish on their own)."""
+        with self._spawning:
+            self._stop_server()
+
+    def _stop_server(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None

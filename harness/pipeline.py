@@ -8,6 +8,7 @@ stage, by name, over the same state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -86,6 +87,16 @@ class RunState:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     completed: set[str] = dataclasses.field(default_factory=set)  # stages that ran to their records
 
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the block's seconds to notes["seconds"][part]: where a stage's time goes (selfbench reads it)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self.notes.setdefault("seconds", {})
+            seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - start, 3)
+
     def gate(self, stage: str, check: str) -> Gate:
         return gate_for(self.options.gates, self.pair, stage, check)
 
@@ -120,9 +131,11 @@ def run_hf(state: RunState) -> list[CheckResult]:
     from harness.workload import greedy_trajectory, make_prompts
 
     pair, cache = state.pair, state.options.cache
-    state.checkpoint = reference_checkpoint(pair, cache)
+    with state.timed("checkpoint"):
+        state.checkpoint = reference_checkpoint(pair, cache)
     state.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(cache, state.checkpoint)
-    model = load_hf(pair, state.checkpoint)
+    with state.timed("hf_load"):
+        model = load_hf(pair, state.checkpoint)
     prompts = make_prompts(pair)
     runs = [greedy_trajectory(model, p, pair.workload.new_tokens) for p in prompts]
     state.trajectories = [t for t, _ in runs]
@@ -137,7 +150,8 @@ def run_reauthored(state: RunState) -> list[CheckResult]:
     from harness.runners import ReauthoredRunner
 
     pair, export = state.pair, state.pair.export
-    state.model, coverage = build_reauthored(pair, state.checkpoint, export.kv_cache_max)
+    with state.timed("reauthored_build"):
+        state.model, coverage = build_reauthored(pair, state.checkpoint, export.kv_cache_max)
     logits = state.run_trajectories(stages.REAUTHORED, ReauthoredRunner(state.model, export.kv_cache_max))
     state.logits[stages.REAUTHORED] = logits
     return [checks.weight_coverage(pair.name, coverage, state.gate(stages.REAUTHORED, stages.WEIGHT_COVERAGE)),
@@ -150,7 +164,8 @@ def run_exported(state: RunState) -> list[CheckResult]:
     from harness.runners import ExportedRunner
 
     export = state.pair.export
-    state.programs = export_programs(converter_signatures(state.model, export.prefill_lens, export.kv_cache_max))
+    with state.timed("export"):
+        state.programs = export_programs(converter_signatures(state.model, export.prefill_lens, export.kv_cache_max))
     runner = ExportedRunner(state.programs, state.model.config, export.prefill_lens, export.kv_cache_max)
     logits = state.logits[stages.EXPORTED] = state.run_trajectories(stages.EXPORTED, runner)
     return state.compare_with_parent(stages.EXPORTED, stages.REAUTHORED, logits)
@@ -171,10 +186,12 @@ def run_stablehlo(state: RunState) -> list[CheckResult]:
         from harness.lowering import cached_lowering
 
         key = lowering_key(pair, state.checkpoint, state.options.cache.code_digests(), (probe,))
-        entry, (lowered, resolved, bodies) = cached_lowering(state.options.cache, key, state.programs, (probe,))
+        with state.timed("lowering"):
+            entry, (lowered, resolved, bodies) = cached_lowering(state.options.cache, key, state.programs, (probe,))
         state.notes.setdefault("artifacts", {})[stages.STABLEHLO] = _provenance(state.options.cache, entry)
     else:
-        lowered, resolved, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=(probe,))
+        with state.timed("lowering"):
+            lowered, resolved, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=(probe,))
     state.notes["stablehlo_markers_resolved"] = resolved
     state.notes["stablehlo_weights"] = "inlined as constants" if inline else (
         "function arguments: inlined, the module would pass XlaCallModule's 2 GiB limit")
@@ -203,7 +220,8 @@ def _flatbuffer(state: RunState, stage: str, recipe: str) -> list[np.ndarray]:
     from harness.runners import TFLiteRunner
 
     export, cache = state.pair.export, state.options.cache
-    path = convert(state.pair, state.model, state.checkpoint, recipe, cache)
+    with state.timed("conversion"):
+        path = convert(state.pair, state.model, state.checkpoint, recipe, cache)
     state.artifacts[stage] = path
     state.notes.setdefault("artifacts", {})[stage] = _provenance(cache, path.parent, path.name)
     state.notes[f"{stage}_bytes"] = path.stat().st_size

@@ -6,14 +6,18 @@ atomically after every pair). Each pair's child receives the same RunConfig as J
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import os
+import signal
 from pathlib import Path
 from typing import Callable
 
 from harness import child, report, stages
 from harness.config import RunConfig
-from harness.pairs import ModelPair, discover, scan, select, unknown_model_message
+from harness.pairs import DEFAULT_SUITE, ModelPair, discover, scan, select, unknown_model_message
 from harness.paths import display_path, scrub
 from harness.pipeline import ExtraCheck, PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.provenance import harness_commit
@@ -65,6 +69,9 @@ def collecting(done: PairReport, tell: Progress) -> Progress:
     return progress
 
 
+INTERRUPTED_CODES = (130, -signal.SIGINT)  # a child's exit on Ctrl-C (child.main), or SIGINT's default action
+
+
 class PairInterrupted(KeyboardInterrupt):
     """Ctrl-C during a pair: what it finished, and a not-run record for the step it was in."""
 
@@ -101,6 +108,9 @@ def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: 
         raise PairInterrupted(_stopped_report(pair, options, report_from_json(
             stop.partial["result"] if stop.partial else _empty_report(pair.name)))) from None
     except child.ChildFailed as e:
+        if e.code in INTERRUPTED_CODES:  # the child was stopped by Ctrl-C (a terminal's, or stop_running's)
+            raise PairInterrupted(_stopped_report(pair, options, report_from_json(
+                e.partial or _empty_report(pair.name)))) from None
         failure = e
     done = report_from_json(failure.partial or _empty_report(pair.name))
     stage = _current_stage(pair, options, done)
@@ -122,7 +132,7 @@ def run_in_process(pair: ModelPair, options: RunOptions, echo: Echo) -> PairRepo
 
 def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
               extra_pairs: dict[str, ModelPair] | None = None) -> dict:
-    """Every selected pair in turn; the reports are rewritten atomically after each one. Names that match no
+    """Every selected pair, `jobs` at a time (auto_jobs); the reports are rewritten atomically after each one. Names that match no
     pair get an error record and the others still run. `options` replaces what the configuration would
     open; `extra_pairs` join the discovered ones (pairs made in memory run in-process only)."""
     found, broken = scan(tuple(Path(d) for d in config.models_dirs))
@@ -140,44 +150,101 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
                        harness=harness_commit(), gates_sha256=gates_digest(config.gates),
                        **{k: v for k, v in narrowed.items() if k != "said"})
-    results = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR, message=unknown_model_message(name, known, broken))
-               for name in unknown]
-    models: dict = {}
+    unknown_records = [CheckResult(name, stages.HF, stages.STAGE_RUN, ERROR,
+                                   message=unknown_model_message(name, known, broken)) for name in unknown]
+    done: dict[str, PairReport] = {}
 
-    def document_with(pending: list[ModelPair], status: str) -> dict:
-        """The reports as they stand: every pair not yet run has a not-run record, so no partial report reads PASS."""
+    def document_with(status: str) -> dict:
+        """The reports as they stand, pairs in the selection's order: every pair not yet run has a not-run
+        record, so no partial report reads PASS."""
         waiting = [CheckResult(p.name, stages.HF, stages.STAGE_RUN, NOT_RUN,
                                message="not run: the run " + ("stopped before this pair" if status == INTERRUPTED
                                                               else "has not reached this pair yet"))
-                   for p in pending]
+                   for p in pairs if p.name not in done]
+        finished = [p for p in pairs if p.name in done]
+        models = {p.name: {"description": p.description, "features": list(p.features),
+                           "expected_failures": [dataclasses.asdict(d) for d in p.expected_failures],
+                           "timings": done[p.name].timings, "notes": done[p.name].notes} for p in finished}
+        results = unknown_records + [r for p in finished for r in done[p.name].results]
         return report.parity_document({**run, "status": status}, results + waiting, models)
 
     def finish(pair: ModelPair, rep: PairReport) -> None:
-        results.extend(rep.results)
-        models[pair.name] = {"description": pair.description, "features": list(pair.features),
-                             "expected_failures": [dataclasses.asdict(d) for d in pair.expected_failures],
-                             "timings": rep.timings, "notes": rep.notes}
+        done[pair.name] = rep
+        report.write_reports(out, document_with(RUNNING))
 
-    report.write_reports(out, document_with(pairs, RUNNING))
+    def run_one(pair: ModelPair) -> PairReport:
+        return run_isolated(config, pair, options, echo) if config.isolate else run_in_process(pair, options, echo)
+
+    report.write_reports(out, document_with(RUNNING))
+    jobs = min(config.jobs or auto_jobs(pairs), max(len(pairs), 1)) if config.isolate else 1
     # A private cache (--no-cache) is removed with the run; isolated pairs fork from one server that
     # imported the libraries once.
     with options.cache, (child.forking() if config.isolate and len(pairs) > 1 else contextlib.nullcontext()):
-        for index, pair in enumerate(pairs):
-            try:
-                rep = (run_isolated(config, pair, options, echo) if config.isolate
-                       else run_in_process(pair, options, echo))
-            except PairInterrupted as stop:
-                finish(pair, stop.report)
-                document = document_with(pairs[index + 1:], INTERRUPTED)
-                document["run"]["stopped"] = (f"Interrupted (Ctrl-C) during {pair.name}: the stages and pairs that "
-                                              "finished are kept; the rest did not run.")
-                report.write_reports(out, document, final=True)
-                return document
-            finish(pair, rep)
-            report.write_reports(out, document_with(pairs[index + 1:], RUNNING))
-    document = document_with([], COMPLETE)
+        stopped = (run_in_turn if jobs == 1 else functools.partial(run_side_by_side, jobs=jobs))(pairs, run_one, finish)
+    if stopped:
+        document = document_with(INTERRUPTED)
+        document["run"]["stopped"] = (f"Interrupted (Ctrl-C) during {', '.join(stopped)}: the stages and pairs "
+                                      "that finished are kept; the rest did not run.")
+    else:
+        document = document_with(COMPLETE)
+    document["run"]["jobs"] = jobs
     report.write_reports(out, document, final=True)
     return document
+
+
+def auto_jobs(pairs: list[ModelPair]) -> int:
+    """Pairs run at once when --jobs is not given: one per core, at most 2 (a tiny pair's child peaks at ~1 GiB),
+    and 1 when a pair outside the default suite (a real model, GiBs) is selected."""
+    if any(DEFAULT_SUITE not in p.suites for p in pairs):
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_in_turn(pairs: list[ModelPair], run_one: Callable[[ModelPair], PairReport],
+                finish: Callable[[ModelPair, PairReport], None]) -> list[str]:
+    """One pair after another; Ctrl-C keeps what finished and stops: returns the pair it stopped in, if any."""
+    for pair in pairs:
+        try:
+            finish(pair, run_one(pair))
+        except PairInterrupted as stop:
+            finish(pair, stop.report)
+            return [pair.name]
+    return []
+
+
+def run_side_by_side(pairs: list[ModelPair], run_one: Callable[[ModelPair], PairReport],
+                     finish: Callable[[ModelPair, PairReport], None], jobs: int) -> list[str]:
+    """`jobs` pairs at a time, each in its own child; reports are written as each finishes. Ctrl-C (or a child
+    stopped by it) stops every running child, keeping what each finished, and starts no other pair: returns
+    the pairs it stopped in."""
+    stopped: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="edge-parity-pair") as pool:
+        futures = {pool.submit(run_one, pair): pair for pair in pairs}
+        collected: set = set()
+
+        def collect(future) -> None:
+            try:
+                finish(futures[future], future.result())
+            except PairInterrupted as stop:
+                finish(futures[future], stop.report)
+                if futures[future].name not in stopped:
+                    stopped.append(futures[future].name)
+            collected.add(future)
+
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                collect(future)
+                if stopped:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            child.stop_running()
+            concurrent.futures.wait(futures)
+            for future in futures:
+                if future not in collected and not future.cancelled():
+                    collect(future)
+    return stopped
 
 
 def gates_digest(path: str) -> str | None:

@@ -154,7 +154,7 @@ def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
     whole process group as a terminal's Ctrl-C does; `parent` signals the harness alone (it stops its child)."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", "--models", "tiny_llama,smollm2", *FAST,
-                             "--out", str(out), "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--jobs", "1", "--out", str(out), "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             # As from a terminal: Ctrl-C acts (a job a script started in the background
                             # inherits it ignored, and then neither the harness nor its child stops).
@@ -180,10 +180,51 @@ def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
     assert found[("smollm2", "reauthored", "stage")] == "not_run"
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# edge-parity: INTERRUPTED") and "Interrupted (Ctrl-C) during smollm2" in summary
-    # The cache: every entry is whole (its manifest matches), and no staging directory was left behind.
+    _assert_whole(cache)
+
+
+@pytest.mark.parametrize("who", ["terminal", "parent"])
+def test_ctrl_c_stops_pairs_running_side_by_side_and_keeps_what_each_finished(tmp_path, who):
+    """--jobs 2: Ctrl-C once both pairs have finished hf stops both children (a terminal's reaches them itself;
+    the harness alone signalled stops them); each pair keeps its finished stages and gets a not-run record for
+    the stage it was in; the report says INTERRUPTED during both (exit 130), the cache holds no half-built entry."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", "--models", "tiny_llama,smollm2",
+                             "--stages", "hf,reauthored,exported", "--jobs", "2", "--out", str(out),
+                             "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    seen, started = [], set()
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(("[tiny_llama] hf", "[smollm2] hf")):
+            started.add(line.split("]")[0][1:])
+        if len(started) == 2:  # both run at once: each has finished hf, neither has reached exported's end
+            if who == "terminal":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "Traceback" not in rest
+    document = parity(out)
+    assert document["run"]["status"] == "interrupted" and document["run"]["jobs"] == 2
+    for model in ("tiny_llama", "smollm2"):
+        mine = [r for r in document["results"] if r["model"] == model]
+        assert any(r["stage"] == "hf" and r["check"] == "sensitivity" and r["status"] == "pass" for r in mine)
+        stopped = [r for r in mine if r["status"] == "not_run"]
+        assert len(stopped) == 1 and stopped[0]["message"].startswith("interrupted during"), mine
+    assert "Interrupted (Ctrl-C) during" in (out / "summary.md").read_text()
+    _assert_whole(cache)
+
+
+def _assert_whole(cache: Path) -> None:
+    """Every entry of the cache is whole (its manifest matches), and no staging directory was left behind."""
     for kind in cache.iterdir():
         if kind.is_dir():
-            for entry in kind.iterdir():
+            for entry in (e for e in kind.iterdir() if e.is_dir()):  # beside each entry: its lock file
                 assert not entry.name.startswith("."), f"staging directory left: {entry.name}"
                 manifest = json.loads((entry / MANIFEST).read_text())
                 assert {name: file_digest(entry / name) for name in manifest} == manifest

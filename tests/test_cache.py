@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +156,39 @@ def test_the_stablehlo_stage_from_the_cache_gives_the_records_it_gave_when_it_lo
     assert [(r.stage, r.check, r.status, r.metrics) for r in cold.results] == [
         (r.stage, r.check, r.status, r.metrics) for r in warm.results]
     assert warm.notes["artifacts"][stages.STABLEHLO]["key"] == cold_misses[0]
+
+
+def _build_once_slowly(root, log, result):
+    """One process's get_or_build of a shared key, its build slow enough for the other to arrive meanwhile."""
+    import time
+
+    def build(out):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        (out / "artifact.bin").write_text("built once")
+
+    cache = ArtifactCache(root)
+    entry = cache.get_or_build("tflite", {"k": "shared"}, build)
+    Path(result).write_text(json.dumps({"hits": len(cache.hits), "misses": len(cache.misses),
+                                        "text": (entry / "artifact.bin").read_text()}))
+
+
+def test_processes_sharing_the_cache_build_an_entry_once(tmp_path):
+    """Two processes miss the same key at once (pairs side by side, tests beside a verify): one builds, the
+    other waits on the entry's lock and is served what it built; neither removes the entry under the other."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = [tmp_path / f"result{i}.json" for i in range(2)]
+    procs = [context.Process(target=_build_once_slowly, args=(tmp_path / "cache", tmp_path / "builds.log", r))
+             for r in results]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len((tmp_path / "builds.log").read_text().split()) == 1
+    seen = sorted((json.loads(r.read_text())["hits"], json.loads(r.read_text())["misses"]) for r in results)
+    assert seen == [(0, 1), (1, 0)]
+    assert {json.loads(r.read_text())["text"] for r in results} == {"built once"}

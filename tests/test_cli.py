@@ -100,7 +100,11 @@ def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
             "--cache-dir", str(tmp_path / "cache"), "--in-process"]
     first = harness(*args, "--out", str(tmp_path / "a"))
     second = harness(*args, "--out", str(tmp_path / "b"))
-    shared = {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint") for p in (tmp_path / "cache" / kind).iterdir()}
+    def entries():  # the entry directories and their mtimes (beside each: its lock file)
+        return {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint")
+                for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()}
+
+    shared = entries()
     forced = harness(*args, "--out", str(tmp_path / "c"), "--no-cache")
     cache = {}
     for name, proc in (("a", first), ("b", second), ("c", forced)):
@@ -111,8 +115,7 @@ def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
     assert cache["c"]["misses"] == 2
     # --no-cache built privately: the shared entries are still the first run's, and nothing was added
     assert len(shared) == 2
-    assert {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint")
-            for p in (tmp_path / "cache" / kind).iterdir()} == shared
+    assert entries() == shared
 
 
 HEAVY = ("torch", "tensorflow", "litert_torch", "transformers", "ai_edge_litert")
