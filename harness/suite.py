@@ -132,8 +132,8 @@ def run_in_process(pair: ModelPair, options: RunOptions, echo: Echo) -> PairRepo
 
 def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
               extra_pairs: dict[str, ModelPair] | None = None) -> dict:
-    """Every selected pair, `jobs` at a time (auto_jobs); the reports are rewritten atomically after each one. Names that match no
-    pair get an error record and the others still run. `options` replaces what the configuration would
+    """Every selected pair, `jobs` at a time (auto_jobs); the reports are rewritten atomically after each one.
+    Names that match no pair get an error record and the others still run. `options` replaces what the configuration would
     open; `extra_pairs` join the discovered ones (pairs made in memory run in-process only)."""
     found, broken = scan(tuple(Path(d) for d in config.models_dirs))
     known = {**found, **(extra_pairs or {})}
@@ -145,7 +145,8 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
     for line in narrowed.get("said", []):
         echo(line)
     out = Path(config.out or "reports/latest")
-    run = run_metadata(gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
+    jobs = min(config.jobs or auto_jobs(pairs), max(len(pairs), 1)) if config.isolate else 1
+    run = run_metadata(jobs=jobs, gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
                        models=[p.name for p in pairs] + unknown,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
                        harness=harness_commit(), gates_sha256=gates_digest(config.gates),
@@ -176,7 +177,6 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
         return run_isolated(config, pair, options, echo) if config.isolate else run_in_process(pair, options, echo)
 
     report.write_reports(out, document_with(RUNNING))
-    jobs = min(config.jobs or auto_jobs(pairs), max(len(pairs), 1)) if config.isolate else 1
     # A private cache (--no-cache) is removed with the run; isolated pairs fork from one server that
     # imported the libraries once.
     with options.cache, (child.forking() if config.isolate and len(pairs) > 1 else contextlib.nullcontext()):
@@ -187,7 +187,6 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                                       "that finished are kept; the rest did not run.")
     else:
         document = document_with(COMPLETE)
-    document["run"]["jobs"] = jobs
     report.write_reports(out, document, final=True)
     return document
 

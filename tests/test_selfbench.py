@@ -28,7 +28,7 @@ def test_a_cold_and_a_warm_run_say_where_the_time_went(tmp_path):
 
 
 def _run(wall, stages, records, parts=None):
-    return {"wall_s": wall, "exit": 0, "stages_s": stages, "parts_s": parts or {}, "cache": {"hits": 0, "misses": 0},
+    return {"wall_s": wall, "exit": 0, "jobs": 1, "stages_s": stages, "parts_s": parts or {}, "cache": {"hits": 0, "misses": 0},
             "status": "complete", "records": records}
 
 
