@@ -147,14 +147,11 @@ def test_a_read_only_file_system_is_refused_up_front(tmp_path):
 # ------------------------------------------------------------------ Ctrl-C
 
 
-@pytest.mark.parametrize("who", ["terminal", "parent"])
-def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
-    """Ctrl-C while the second of two pairs runs: the first pair's records and the second's finished stages are
-    written, the report says INTERRUPTED (exit 130), the cache holds no half-built entry. `terminal` signals the
-    whole process group as a terminal's Ctrl-C does; `parent` signals the harness alone (it stops its child)."""
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", "--models", "tiny_llama,smollm2", *FAST,
-                             "--jobs", "1", "--out", str(out), "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+def _interrupted(args: list[str], who: str, ready) -> None:
+    """Runs `harness verify ARGS` as from a terminal and presses Ctrl-C once `ready(line)` says so: `terminal`
+    signals the whole process group as a terminal's Ctrl-C does; `parent` signals the harness alone. Asserts
+    the clean stop (exit 130, no traceback)."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             # As from a terminal: Ctrl-C acts (a job a script started in the background
                             # inherits it ignored, and then neither the harness nor its child stops).
@@ -163,7 +160,7 @@ def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("[smollm2] hf"):  # one stage of the second pair has finished
+        if ready(line):
             if who == "terminal":
                 os.killpg(proc.pid, signal.SIGINT)
             else:
@@ -172,6 +169,16 @@ def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, "".join(seen) + rest
     assert "Traceback" not in rest
+
+
+@pytest.mark.parametrize("who", ["terminal", "parent"])
+def test_ctrl_c_keeps_what_finished_and_reads_interrupted(tmp_path, who):
+    """Ctrl-C while the second of two pairs runs: the first pair's records and the second's finished stages are
+    written, the report says INTERRUPTED (exit 130), the cache holds no half-built entry. `parent`: the
+    harness stops its child."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    _interrupted(["--models", "tiny_llama,smollm2", *FAST, "--jobs", "1", "--out", str(out), "--cache-dir", str(cache)],
+                 who, lambda line: line.startswith("[smollm2] hf"))  # one stage of the second pair has finished
     document = parity(out)
     assert document["run"]["status"] == "interrupted"
     found = records(out)
@@ -189,26 +196,15 @@ def test_ctrl_c_stops_pairs_running_side_by_side_and_keeps_what_each_finished(tm
     the harness alone signalled stops them); each pair keeps its finished stages and gets a not-run record for
     the stage it was in; the report says INTERRUPTED during both (exit 130), the cache holds no half-built entry."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "verify", "--models", "tiny_llama,smollm2",
-                             "--stages", "hf,reauthored,exported", "--jobs", "2", "--out", str(out),
-                             "--cache-dir", str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    seen, started = [], set()
-    for line in proc.stdout:
-        seen.append(line)
+    started = set()
+
+    def both_started(line: str) -> bool:  # each has finished hf, neither has reached exported's end
         if line.startswith(("[tiny_llama] hf", "[smollm2] hf")):
             started.add(line.split("]")[0][1:])
-        if len(started) == 2:  # both run at once: each has finished hf, neither has reached exported's end
-            if who == "terminal":
-                os.killpg(proc.pid, signal.SIGINT)
-            else:
-                proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "Traceback" not in rest
+        return len(started) == 2
+
+    _interrupted(["--models", "tiny_llama,smollm2", "--stages", "hf,reauthored,exported", "--jobs", "2",
+                  "--out", str(out), "--cache-dir", str(cache)], who, both_started)
     document = parity(out)
     assert document["run"]["status"] == "interrupted" and document["run"]["jobs"] == 2
     for model in ("tiny_llama", "smollm2"):
