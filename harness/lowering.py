@@ -6,6 +6,9 @@ FX passes and MLIR lowering), so what runs here is what the converter consumes.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -52,8 +55,6 @@ def export_programs(signatures) -> dict[str, torch.export.ExportedProgram]:
 
 def _markers(module) -> list:
     """Every mark_tensor custom call, with its decoded backend_config."""
-    import json
-
     from litert_converter.mlir import ir
 
     found = []
@@ -224,9 +225,6 @@ def _signature_from(data: dict):
 
 def save_lowered(out, lowered: dict, resolved: dict, bodies: dict) -> None:
     """Writes what lower_programs returned (weights inlined: no state dict) as bytecode and JSON."""
-    import json
-    from pathlib import Path
-
     modules = {**{name: ("lowered", m) for name, m in lowered.items()},
                **{f"{name}.as_lowered": ("bodies", m) for name, m in bodies.items()}}
     index = {"resolved": resolved, "modules": {}}
@@ -242,9 +240,6 @@ def save_lowered(out, lowered: dict, resolved: dict, bodies: dict) -> None:
 
 def load_lowered(entry):
     """lower_programs' (lowered, resolved, bodies) from a cache entry save_lowered wrote."""
-    import json
-    from pathlib import Path
-
     from litert_converter.mlir import ir
     from litert_torch.backend import export_utils
     from litert_torch.backend.export import MlirLowered

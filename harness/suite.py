@@ -230,12 +230,15 @@ def run_side_by_side(pairs: list[ModelPair], run_one: Callable[[ModelPair], Pair
                     stopped.append(futures[future].name)
             collected.add(future)
 
+        interrupted = False
         try:
             for future in concurrent.futures.as_completed(futures):
                 collect(future)
-                if stopped:
-                    raise KeyboardInterrupt
+                if stopped:  # a child stopped by a Ctrl-C that reached it alone: stop the others too
+                    break
         except KeyboardInterrupt:
+            interrupted = True
+        if stopped or interrupted:
             for future in futures:
                 future.cancel()
             child.stop_running()

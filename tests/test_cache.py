@@ -189,6 +189,6 @@ def test_processes_sharing_the_cache_build_an_entry_once(tmp_path):
         proc.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert len((tmp_path / "builds.log").read_text().split()) == 1
-    seen = sorted((json.loads(r.read_text())["hits"], json.loads(r.read_text())["misses"]) for r in results)
-    assert seen == [(0, 1), (1, 0)]
-    assert {json.loads(r.read_text())["text"] for r in results} == {"built once"}
+    seen = [json.loads(r.read_text()) for r in results]
+    assert sorted((s["hits"], s["misses"]) for s in seen) == [(0, 1), (1, 0)]
+    assert {s["text"] for s in seen} == {"built once"}

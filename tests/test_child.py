@@ -40,16 +40,10 @@ def test_an_unknown_kind_is_refused_before_a_process_starts():
 @pytest.fixture(scope="module")
 def forking():
     """One fork server for these tests (it imports torch, TensorFlow and litert-torch once: ~8 s)."""
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = ROOT  # the server, and so each forked child, imports tests.child_jobs
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", ROOT)  # the server, and so each forked child, imports tests.child_jobs
         with child.forking():
             yield child._server
-    finally:
-        if previous is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = previous
 
 
 def test_forked_jobs_come_from_one_server_each_in_a_process_of_its_own(forking):
