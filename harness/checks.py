@@ -148,3 +148,36 @@ def composite_body(model: str, bodies: np.ndarray, resolved: np.ndarray, composi
               "resolved from attributes over the signatures); XlaCallModule runs a body, the TFLite converter "
               "builds the op from the attributes")
     return judged(model, stages.STABLEHLO, stages.COMPOSITE_BODY, metrics, gate, detail)
+
+
+# ---------------------------------------------------------------- the bundle (harness/bundle.py)
+
+def tokenizer_parity(model: str, stage: str, texts: tuple[str, ...], hf_ids: list[list[int]], hf_texts: list[str],
+                     engine_ids: list[list[int]], engine_texts: list[str], gate: Gate) -> CheckResult:
+    """The engine's tokenize, and detokenize of what it tokenized, against the HF tokenizer's, text by text."""
+    wrong = [i for i, (a, b, c, d) in enumerate(zip(hf_ids, engine_ids, hf_texts, engine_texts, strict=True))
+             if a != b or c != d]
+    detail = ""
+    if wrong:
+        i = wrong[0]
+        detail = (f"text {i} {texts[i]!r}: the engine gives ids {engine_ids[i]} and text {engine_texts[i]!r}, "
+                  f"HF ids {hf_ids[i]} and text {hf_texts[i]!r}")
+    return judged(model, stage, stages.TOKENIZER, {"mismatches": len(wrong), "texts": len(texts)}, gate, detail)
+
+
+def bundle_metadata(model: str, stage: str, expected: dict[str, Any], engine: dict[str, Any], gate: Gate) -> CheckResult:
+    """The bundle's start and stop ids and context length, as the engine reads them, against HF's."""
+    wrong = [f"{name}: the engine reads {engine.get(name)!r}, HF has {value!r}"
+             for name, value in expected.items() if engine.get(name) != value]
+    return judged(model, stage, stages.METADATA, {"mismatches": len(wrong), "fields": len(expected)}, gate,
+                  "; ".join(wrong))
+
+
+def bundle_greedy(model: str, stage: str, hf_texts: list[str], engine_texts: list[str], gate: Gate) -> CheckResult:
+    """The engine's greedy text against HF's, prompt by prompt (the engine returns text, never ids)."""
+    texts = [{"hf": a, stage: b} for a, b in zip(hf_texts, engine_texts, strict=True)]
+    wrong = [i for i, t in enumerate(texts) if t["hf"] != t[stage]]
+    detail = (f"prompt {wrong[0]}: the engine wrote {engine_texts[wrong[0]]!r}, HF {hf_texts[wrong[0]]!r}"
+              if wrong else "")
+    return judged(model, stage, stages.GREEDY_TEXT, {"identical": 1 - len(wrong) / max(len(texts), 1),
+                                                     "texts": texts}, gate, detail)

@@ -16,7 +16,7 @@ MODEL_FILE = "model.tflite"
 TFLITE = "tflite"  # the cache's kind for flatbuffers
 
 
-def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict) -> dict:
+def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict, kv_layout: str = "default") -> dict:
     """Everything that affects a converted artifact (not the pair's prose, workload or checks): the builder,
     the harness's code that loads it, the weights, the export settings, the recipe, the harness's conversion
     code and the libraries' code."""
@@ -31,6 +31,7 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict
         "kv_cache_max": pair.export.kv_cache_max,
         "output_logits_on_prefill": True,
         "recipe": recipe,
+        "kv_layout": kv_layout,
         "conversion_code": describe(convert),
         "libraries": libraries,
     }
@@ -48,8 +49,10 @@ def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: 
             "inline_weights": True, "bodies_of": list(bodies_of)}
 
 
-def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True) -> Path:
-    """The flatbuffer of `model` with prefill_<len> and decode signatures, float or quantized by `recipe`."""
+def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True,
+            kv_layout: str = "default") -> Path:
+    """The flatbuffer of `model` with prefill_<len> and decode signatures, float or quantized by `recipe`, its KV
+    cache in litert-torch's default layout or "transposed" (a bundle's)."""
     from litert_torch.generative.utilities import converter
 
     def build(out: Path) -> None:
@@ -61,13 +64,13 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
             try:
                 path = converter.convert_to_tflite(
                     model, str(out), "model", list(pair.export.prefill_lens), pair.export.kv_cache_max,
-                    quantize=recipe, export_config=export_config(),
+                    quantize=recipe, export_config=export_config(kv_layout),
                 )
             finally:
                 logging.root.setLevel(previous)
         Path(path).rename(out / MODEL_FILE)
 
-    key = artifact_key(pair, checkpoint, recipe, cache.code_digests())
+    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
 
 

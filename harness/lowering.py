@@ -15,10 +15,18 @@ import torch
 from harness.runners import KVLayers, Runner
 
 
-def export_config():
+def export_config(kv_layout: str = "default"):
+    """litert-torch's export settings: logits on prefill, and the KV layout ("transposed" for a bundle: the
+    LiteRT-LM engine reads the cache's length from dimension 2)."""
+    from litert_torch.generative.layers import kv_cache
     from litert_torch.generative.utilities import export_config as ec
 
-    return ec.ExportConfig(output_logits_on_prefill=True)
+    config = ec.ExportConfig(output_logits_on_prefill=True)
+    if kv_layout == "transposed":
+        config.kvcache_layout = kv_cache.KV_LAYOUT_TRANSPOSED
+    elif kv_layout != "default":
+        raise ValueError(f"unknown KV layout {kv_layout!r}")
+    return config
 
 
 def quiet_progress() -> None:

@@ -121,6 +121,7 @@ class StageSpec:
     parent: str | None
     needs: tuple[str, ...]
     run: Callable[[RunState], list[CheckResult]]
+    opt_in: bool = False  # runs only when named (--stages): the bundle stage, until its cost is budgeted
 
 
 # ---------------------------------------------------------------- the stages
@@ -247,12 +248,60 @@ def run_quantized(state: RunState, recipe: str) -> list[CheckResult]:
                                   state.gate(stage, stages.QUANT_ACCURACY), state.trajectories)]
 
 
+def run_litertlm(state: RunState) -> list[CheckResult]:
+    """The float flatbuffer (transposed KV layout) bundled with the pair's tokenizer and HF's start/stop ids, run
+    by the LiteRT-LM engine: its tokenizer, its metadata and its greedy text against HF's."""
+    import tempfile
+
+    import torch
+
+    from harness import bundle
+    from harness.checkpoint import load_hf
+    from harness.convert import FLOAT, convert
+    from harness.workload import make_prompts
+
+    pair, cache = state.pair, state.options.cache
+    with state.timed("conversion"):
+        flatbuffer = convert(pair, state.model, state.checkpoint, FLOAT, cache, kv_layout="transposed")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_path = bundle.tokenizer_file(pair, state.checkpoint, Path(tmp))
+        settings = bundle.hf_settings(pair, state.checkpoint)
+        with state.timed("bundle"):
+            path = bundle.build_bundle(flatbuffer, tokenizer_path, settings, cache)
+    tokenizer = bundle.hf_tokenizer(pair, state.checkpoint)
+    state.artifacts[stages.LITERTLM] = path
+    state.notes.setdefault("artifacts", {})[stages.LITERTLM] = _provenance(cache, path.parent, path.name)
+    prompts = [tokenizer.decode(list(map(int, p))) for p in make_prompts(pair)]
+    with state.timed("engine"):
+        engine = bundle.run_engine(bundle.EngineJob(str(path), bundle.TOKENIZER_TEXTS, tuple(prompts),
+                                                    pair.workload.new_tokens, state.options.num_threads))
+    expected = bundle.hf_expected_metadata(state.checkpoint)
+    hf = load_hf(pair, state.checkpoint)
+    hf_texts = []
+    for prompt in prompts:
+        ids = torch.tensor([[expected["start_token_id"], *tokenizer.encode(prompt, add_special_tokens=False)]])
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=pair.workload.new_tokens, do_sample=False,
+                              eos_token_id=[s for [s] in expected["stop_token_ids"]], pad_token_id=0)
+        new = [int(t) for t in out[0, ids.shape[1]:] if [int(t)] not in expected["stop_token_ids"]]
+        hf_texts.append(tokenizer.decode(new))
+    hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in bundle.TOKENIZER_TEXTS]
+    stage = stages.LITERTLM
+    return [
+        checks.tokenizer_parity(pair.name, stage, bundle.TOKENIZER_TEXTS, hf_ids, [tokenizer.decode(i) for i in hf_ids],
+                                engine["tokenized"], engine["detokenized"], state.gate(stage, stages.TOKENIZER)),
+        checks.bundle_metadata(pair.name, stage, expected, engine, state.gate(stage, stages.METADATA)),
+        checks.bundle_greedy(pair.name, stage, hf_texts, engine["greedy"], state.gate(stage, stages.GREEDY_TEXT)),
+    ]
+
+
 STAGES = (
     StageSpec(stages.HF, None, (), run_hf),
     StageSpec(stages.REAUTHORED, stages.HF, (stages.HF,), run_reauthored),
     StageSpec(stages.EXPORTED, stages.REAUTHORED, (stages.REAUTHORED,), run_exported),
     StageSpec(stages.STABLEHLO, stages.EXPORTED, (stages.EXPORTED,), run_stablehlo),
     StageSpec(stages.TFLITE_FLOAT, stages.REAUTHORED, (stages.REAUTHORED,), run_tflite_float),
+    StageSpec(stages.LITERTLM, stages.HF, (stages.REAUTHORED,), run_litertlm, opt_in=True),
 )
 
 
@@ -274,7 +323,8 @@ def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
     what it needs (a recipe brings tflite_float, stablehlo brings exported)."""
     specs = {spec.name: spec for spec in STAGES}
     wanted = [recipe_stage(r) for r in planned_recipes(pair, options) if r in pair.quant_recipes]
-    wanted += [spec for spec in STAGES if spec.name in (stages.HF, stages.REAUTHORED) or options.config.wants(spec.name)]
+    wanted += [spec for spec in STAGES if spec.name in (stages.HF, stages.REAUTHORED) or (
+        options.config.wants(spec.name) and (not spec.opt_in or spec.name in (options.stages or ())))]
     plan: dict[str, StageSpec] = {}
 
     def add(spec: StageSpec) -> None:

@@ -6,6 +6,7 @@ EXPORTED = "exported"
 STABLEHLO = "stablehlo"
 TFLITE_FLOAT = "tflite_float"
 TFLITE_PREFIX = "tflite_"
+LITERTLM = "litertlm"  # the float flatbuffer bundled with its tokenizer, run by the LiteRT-LM engine (opt-in)
 
 FLOAT_STAGES = (HF, REAUTHORED, EXPORTED, STABLEHLO, TFLITE_FLOAT)
 
@@ -54,6 +55,8 @@ def recipe_of(stage: str) -> str:
 COMPOSITE_BODY = "composite_body"  # stablehlo: composite bodies as lowered vs as the converter reads them
 PERPLEXITY = "perplexity"  # real text (harness/realtext.py)
 GREEDY_TEXT = "greedy_text"
+TOKENIZER = "tokenizer"  # litertlm: the engine's tokenize/detokenize against the HF tokenizer
+METADATA = "metadata"  # litertlm: the bundle's start/stop ids against HF's
 BENCH = "bench"  # the performance gate's pseudo-stage (harness/bench/)
 QUANTIZED_FALLBACK = "tflite_quantized"  # gates for any tflite_<recipe> without a table of its own
 GATED_METRICS = {
@@ -71,6 +74,8 @@ GATED_METRICS = {
                "long_err", "long_mean_kl", "long_max_kl", "overflow_rejected", "consistency_rel_err"),
     PERPLEXITY: ("ppl", "ppl_ratio_vs_hf", "mean_kl", "p99_kl", "max_kl", "top1"),
     GREEDY_TEXT: ("identical",),
+    TOKENIZER: ("mismatches",),
+    METADATA: ("mismatches",),
     "decode_tokens_per_s": ("slowdown",),
     "prefill_tokens_per_s": ("slowdown",),
 }
@@ -83,5 +88,6 @@ CHECKS_AT = {
     TFLITE_FLOAT: (LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT, DIVERGENCE),
     QUANTIZED_FALLBACK: _QUANTIZED_CHECKS,
     **{tflite_stage(r): _QUANTIZED_CHECKS for r in QUANT_RECIPES},
+    LITERTLM: (TOKENIZER, METADATA, GREEDY_TEXT),
     BENCH: ("decode_tokens_per_s", "prefill_tokens_per_s"),
 }

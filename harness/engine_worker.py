@@ -1,0 +1,39 @@
+"""The LiteRT-LM engine's child: `python -m harness.engine_worker DIR` reads DIR/job.json (a bundle.EngineJob)
+and writes DIR/result.json. It imports only litert_lm, so it starts in a second and a crash stays here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main(directory: str) -> None:
+    import litert_lm
+
+    job = json.loads((Path(directory) / "job.json").read_text())
+    # The engine writes its XNNPack cache beside the bundle unless told where; the shared cache stays as built.
+    with tempfile.TemporaryDirectory(prefix="litertlm-cache-") as cache_dir:
+        engine = litert_lm.Engine(job["bundle"], backend=litert_lm.Backend.CPU(thread_count=job["num_threads"]),
+                                  cache_dir=cache_dir, activation_data_type=litert_lm.ActivationDataType.FLOAT32)
+        with engine:
+            result = {
+                "start_token_id": engine.bos_token_id,
+                "stop_token_ids": engine.eos_token_ids,
+                "tokenized": [engine.tokenize(text) for text in job["texts"]],
+                "detokenized": [engine.detokenize(engine.tokenize(text)) for text in job["texts"]],
+                "greedy": [],
+            }
+            greedy = litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=0.0)
+            for prompt in job["prompts"]:
+                session = engine.create_session(apply_prompt_template=False, sampler_config=greedy,
+                                                max_output_tokens=job["max_new_tokens"])
+                with session:
+                    session.run_prefill([prompt])
+                    result["greedy"].append(session.run_decode().texts[0])
+    (Path(directory) / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
