@@ -155,7 +155,8 @@ def cmd_list(args) -> int:
     print(tabulate(rows, headers=["pair", "HF reference", "features", "suites", "quant recipes (* default)",
                                   "declared upstream defects"]))
     print()
-    print("stages:", ", ".join(stages.FLOAT_STAGES), "+ tflite_<recipe> per quant recipe")
+    print("stages:", ", ".join(stages.FLOAT_STAGES), "+ tflite_<recipe> per quant recipe",
+          f"+ {stages.LITERTLM} (the bundle in the LiteRT-LM engine, only when named in --stages)")
     print("checks:", ", ".join(sorted({c for checks in stages.CHECKS_AT.values() for c in checks})))
     print("quant recipes:", ", ".join(stages.QUANT_RECIPES))
     return EXIT_PASS

@@ -301,7 +301,7 @@ STAGES = (
     StageSpec(stages.EXPORTED, stages.REAUTHORED, (stages.REAUTHORED,), run_exported),
     StageSpec(stages.STABLEHLO, stages.EXPORTED, (stages.EXPORTED,), run_stablehlo),
     StageSpec(stages.TFLITE_FLOAT, stages.REAUTHORED, (stages.REAUTHORED,), run_tflite_float),
-    StageSpec(stages.LITERTLM, stages.HF, (stages.REAUTHORED,), run_litertlm, opt_in=True),
+    StageSpec(stages.LITERTLM, stages.HF, (stages.HF, stages.REAUTHORED), run_litertlm, opt_in=True),
 )
 
 
