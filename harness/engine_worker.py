@@ -18,11 +18,12 @@ def main(directory: str) -> None:
         engine = litert_lm.Engine(job["bundle"], backend=litert_lm.Backend.CPU(thread_count=job["num_threads"]),
                                   cache_dir=cache_dir, activation_data_type=litert_lm.ActivationDataType.FLOAT32)
         with engine:
+            tokenized = [engine.tokenize(text) for text in job["texts"]]
             result = {
                 "start_token_id": engine.bos_token_id,
                 "stop_token_ids": engine.eos_token_ids,
-                "tokenized": [engine.tokenize(text) for text in job["texts"]],
-                "detokenized": [engine.detokenize(engine.tokenize(text)) for text in job["texts"]],
+                "tokenized": tokenized,
+                "detokenized": [engine.detokenize(ids) for ids in tokenized],
                 "greedy": [],
             }
             greedy = litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=0.0)
