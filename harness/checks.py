@@ -174,11 +174,49 @@ def bundle_metadata(model: str, stage: str, expected: dict[str, Any], engine: di
                   "; ".join(wrong))
 
 
-def bundle_greedy(model: str, stage: str, hf_texts: list[str], engine_texts: list[str], gate: Gate) -> CheckResult:
-    """The engine's greedy text against HF's, prompt by prompt (the engine returns text, never ids)."""
-    texts = [{"hf": a, stage: b} for a, b in zip(hf_texts, engine_texts, strict=True)]
-    wrong = [i for i, t in enumerate(texts) if t["hf"] != t[stage]]
-    detail = (f"prompt {wrong[0]}: the engine wrote {engine_texts[wrong[0]]!r}, HF {hf_texts[wrong[0]]!r}"
-              if wrong else "")
+def bundle_greedy(model: str, stage: str, reference_texts: list[str], engine_texts: list[str], gate: Gate,
+                  against: str = "HF") -> CheckResult:
+    """The engine's greedy text against the reference's, prompt by prompt (the engine returns text, never ids)."""
+    texts = [{"reference": a, stage: b} for a, b in zip(reference_texts, engine_texts, strict=True)]
+    wrong = [i for i, t in enumerate(texts) if t["reference"] != t[stage]]
+    detail = (f"prompt {wrong[0]}: the engine wrote {engine_texts[wrong[0]]!r}, {against} "
+              f"{reference_texts[wrong[0]]!r}" if wrong else "")
     return judged(model, stage, stages.GREEDY_TEXT, {"identical": 1 - len(wrong) / max(len(texts), 1),
-                                                     "texts": texts}, gate, detail)
+                                                     "texts": texts, "against": against}, gate, detail)
+
+
+def bundle_score(model: str, stage: str, scored: tuple[tuple[str, str], ...], reference: list[dict[str, list[float]]],
+                 engine: list[list[float]], gate: Gate, against: str = "HF") -> CheckResult:
+    """The engine's text scores (per-token log-probabilities of a target after its context) against the
+    reference's, after the context and after the context with its second-to-last token dropped."""
+    def worst(key: str) -> float:
+        return max((abs(sum(e) - sum(r[key])) for e, r in zip(engine, reference, strict=True)), default=float("nan"))
+
+    counts = [i for i, (e, r) in enumerate(zip(engine, reference)) if len(e) != len(r["context"])]
+    token_err = max((abs(a - b) for e, r in zip(engine, reference) if len(e) == len(r["context"])
+                     for a, b in zip(e, r["context"])), default=float("nan"))
+    metrics = {"score_err": worst("context"), "token_err": token_err,
+               "dropped_token_context_err": worst("dropped_token_context"), "token_count_mismatches": len(counts),
+               "targets": len(scored), "against": against,
+               "scores": [{"engine": sum(e), "reference": sum(r["context"]),
+                           "reference_dropped_token_context": sum(r["dropped_token_context"])}
+                          for e, r in zip(engine, reference)]}
+    i = max(range(len(engine)), key=lambda k: abs(sum(engine[k]) - sum(reference[k]["context"])), default=None)
+    detail = "" if i is None else (
+        f"target {i} {scored[i][1]!r} after {scored[i][0]!r}: the engine scores {sum(engine[i]):.4f} nats, "
+        f"{against} {sum(reference[i]['context']):.4f} ({sum(reference[i]['dropped_token_context']):.4f} with the "
+        f"context's second-to-last token dropped)")
+    return judged(model, stage, stages.SCORE, metrics, gate, detail)
+
+
+def prompt_template(model: str, stage: str, hf_ids: list[int], engine_ids: list[int], engine_text: str,
+                    gate: Gate) -> CheckResult:
+    """The ids the model sees for a short conversation: the engine's template rendering (its start token
+    prepended, as it runs it) against HF's apply_chat_template."""
+    first = next((i for i, (a, b) in enumerate(zip(hf_ids, engine_ids)) if a != b), None)
+    if first is None and len(hf_ids) != len(engine_ids):
+        first = min(len(hf_ids), len(engine_ids))
+    detail = "" if first is None else (
+        f"the ids differ from position {first} of {len(hf_ids)}: the engine renders {engine_text!r}")
+    return judged(model, stage, stages.PROMPT_TEMPLATE, {"mismatches": int(first is not None), "hf_tokens": len(hf_ids),
+                                                         "engine_tokens": len(engine_ids)}, gate, detail)

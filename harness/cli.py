@@ -124,6 +124,8 @@ def _bench_flags(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--rounds", type=int, default=8, help="candidate/baseline run pairs per gate comparison")
     bench.add_argument("--decode-steps", type=int, default=256, help="timed decode steps per measurement")
     bench.add_argument("--no-pytorch", action="store_true", help="skip the re-authored PyTorch comparison")
+    bench.add_argument("--no-engine", action="store_true",
+                       help="skip the float bundle in the LiteRT-LM engine (measured beside the float flatbuffer)")
 
 
 def _selected(config: RunConfig):
@@ -156,7 +158,12 @@ def cmd_list(args) -> int:
                                   "declared upstream defects"]))
     print()
     print("stages:", ", ".join(stages.FLOAT_STAGES), "+ tflite_<recipe> per quant recipe",
-          f"+ {stages.LITERTLM} (the bundle in the LiteRT-LM engine, only when named in --stages)")
+          f"+ {stages.LITERTLM} and {stages.LITERTLM_PREFIX}<recipe> (bundles in the LiteRT-LM engine, only when "
+          "named in --stages)")
+    from harness.bundle import engine_defects
+
+    for defect in {d.name: d for d in engine_defects()}.values():
+        print(f"engine defect, declared at every bundle stage: {defect.name} ({defect.check}: {defect.describe_band()})")
     print("checks:", ", ".join(sorted({c for checks in stages.CHECKS_AT.values() for c in checks})))
     print("quant recipes:", ", ".join(stages.QUANT_RECIPES))
     return EXIT_PASS
@@ -250,7 +257,7 @@ def cmd_bench(args) -> int:
     with ArtifactCache(Path(config.cache_dir), shared=config.shared_cache) as cache:
         settings = bench.BenchSettings(threads=config.threads, decode_steps=args.decode_steps, rounds=args.rounds,
                                        cache_dir=str(cache.store), models_dirs=config.models_dirs,
-                                       pytorch=not args.no_pytorch)
+                                       pytorch=not args.no_pytorch, engine=not args.no_engine)
         if args.self_check:
             recipes = config.quant or selected[0].default_quant
             if not recipes and not args.slower:

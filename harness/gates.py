@@ -75,6 +75,8 @@ class Gates:
         table = self.defaults.get(stage)
         if table is None and stages.is_quantized(stage):
             table = self.defaults.get(QUANTIZED_FALLBACK)
+        if table is None and stage.startswith(stages.LITERTLM_PREFIX):  # a quantized bundle: the float one's gates
+            table = self.defaults.get(stages.LITERTLM)
         return table or {}
 
 
@@ -174,17 +176,24 @@ class Gate:
             return FAIL, [f"declared upstream defect {defect.name} did not show: every threshold holds "
                           f"({defect.describe_band()}); the defect is fixed or no longer reached, so remove its "
                           f"declaration from the pair"]
+        # Every band metric must lie in its band, violated or not: a band may pin the defect down by a metric
+        # the gates do not bound (e.g. the error against the context the defect scores with).
         outside = [v for v in found if not defect.excuses(v.metric, v.value)]
+        outside += [m for m in defect.band if not any(v.metric == m for v in found)
+                    and not defect.excuses(m, metrics.get(m))]
         if outside:
             return FAIL, [str(v) for v in found] + [f"outside the band of declared defect {defect.name} "
-                                                    f"({defect.describe_band()})"]
+                                                    f"({defect.describe_band()}; measured "
+                                                    f"{', '.join(f'{m}={_fmt(metrics.get(m))}' for m in defect.band)})"]
         return XFAIL, [str(v) for v in found] + [f"within the band of declared upstream defect {defect.name} "
                                                  f"({defect.describe_band()}): {defect.reason}"]
 
 
 def gate_for(gates: Gates, pair, stage: str, check: str, informational: bool = False) -> Gate:
     """The gate of one record: the gates file's thresholds and the pair's defect declared for this stage and check."""
-    defects = [d for d in getattr(pair, "expected_failures", ()) if d.stage == stage and d.check == check]
+    from harness.pairs import declared_defects
+
+    defects = [d for d in declared_defects(pair) if d.stage == stage and d.check == check]
     return Gate(gates.thresholds(pair.name, stage, check), defects[0] if defects else None, informational)
 
 

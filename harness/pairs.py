@@ -43,9 +43,9 @@ class Workload:
 @dataclasses.dataclass(frozen=True)
 class ExpectedFailure:
     """A known upstream defect, bounded: the one check at one stage it makes fail, and the band its metrics
-    fall in when it does. A failure there is xfail only while every violated metric lies inside the band;
-    an error, another check, a value outside the band all fail, and so does the check passing (the defect
-    no longer shows, so the declaration must go)."""
+    fall in when it does. A failure there is xfail only while every violated metric, and every metric the
+    band names, lies inside the band; an error, another check, a value outside the band all fail, and so
+    does the check passing (the defect no longer shows, so the declaration must go)."""
 
     name: str
     reason: str
@@ -140,6 +140,16 @@ class ModelPair:
                 f"model pair {self.name!r} lists unknown quant recipes {sorted(unknown)}; "
                 f"known: {', '.join(QUANT_RECIPES)}"
             )
+
+
+def declared_defects(pair: ModelPair) -> tuple[ExpectedFailure, ...]:
+    """The upstream defects that may excuse a failure of `pair`: its own declarations, then the engine's
+    (harness/bundle.py, every pair's bundle) at any stage and check the pair declares nothing for."""
+    from harness.bundle import engine_defects
+
+    mine = tuple(getattr(pair, "expected_failures", ()))
+    own = {(d.stage, d.check) for d in mine}
+    return mine + tuple(d for d in engine_defects() if (d.stage, d.check) not in own)
 
 
 def resolve(reference: Any) -> Any:

@@ -121,7 +121,7 @@ class StageSpec:
     parent: str | None
     needs: tuple[str, ...]
     run: Callable[[RunState], list[CheckResult]]
-    opt_in: bool = False  # runs only when named (--stages): the bundle stage, until its cost is budgeted
+    opt_in: bool = False  # runs only when named (--stages): the bundle stages, until their cost is budgeted
 
 
 # ---------------------------------------------------------------- the stages
@@ -248,50 +248,70 @@ def run_quantized(state: RunState, recipe: str) -> list[CheckResult]:
                                   state.gate(stage, stages.QUANT_ACCURACY), state.trajectories)]
 
 
-def run_litertlm(state: RunState) -> list[CheckResult]:
-    """The float flatbuffer (transposed KV layout) bundled with the pair's tokenizer and HF's start/stop ids, run
-    by the LiteRT-LM engine: its tokenizer, its metadata and its greedy text against HF's."""
+def run_litertlm(state: RunState, recipe: str | None = None) -> list[CheckResult]:
+    """A flatbuffer (transposed KV layout), float or quantized by `recipe`, bundled with the pair's tokenizer
+    and HF's start/stop ids, run by the LiteRT-LM engine: its tokenizer, metadata, greedy text and text
+    scores. The float bundle is held to HF; a quantized one to the interpreter on the same flatbuffer, so a
+    difference is the engine's, not the recipe's (quant_accuracy judges the recipe)."""
     import tempfile
 
-    import torch
-
     from harness import bundle
-    from harness.checkpoint import load_hf
     from harness.convert import FLOAT, convert
+    from harness.runners import TFLiteRunner
     from harness.workload import make_prompts
 
     pair, cache = state.pair, state.options.cache
+    stage = stages.litertlm_stage(recipe)
     with state.timed("conversion"):
-        flatbuffer = convert(pair, state.model, state.checkpoint, FLOAT, cache, kv_layout="transposed")
+        flatbuffer = convert(pair, state.model, state.checkpoint, recipe or FLOAT, cache, kv_layout="transposed")
+    settings = bundle.hf_settings(pair, state.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = bundle.tokenizer_file(pair, state.checkpoint, Path(tmp))
-        settings = bundle.hf_settings(pair, state.checkpoint)
         with state.timed("bundle"):
             path = bundle.build_bundle(flatbuffer, tokenizer_path, settings, cache)
     tokenizer = bundle.hf_tokenizer(pair, state.checkpoint)
-    state.artifacts[stages.LITERTLM] = path
-    state.notes.setdefault("artifacts", {})[stages.LITERTLM] = _provenance(cache, path.parent, path.name)
-    prompts = [tokenizer.decode(list(map(int, p))) for p in make_prompts(pair)]
+    state.artifacts[stage] = path
+    state.notes.setdefault("artifacts", {})[stage] = _provenance(cache, path.parent, path.name)
+    # A real-text prompt starts with the start token; the engine adds its own, so the text leaves it out.
+    prompts = [tokenizer.decode([int(t) for t in p][int(len(p) > 0 and int(p[0]) == settings.start_token_id):])
+               for p in make_prompts(pair)]
+    scored = bundle.scored_texts(tokenizer, prompts)
+    conversation = bundle.CONVERSATION if settings.chat_template else ()
     with state.timed("engine"):
-        engine = bundle.run_engine(bundle.EngineJob(str(path), bundle.TOKENIZER_TEXTS, tuple(prompts),
-                                                    pair.workload.new_tokens, state.options.num_threads))
-    expected = bundle.hf_expected_metadata(state.checkpoint)
-    hf = load_hf(pair, state.checkpoint)
-    hf_texts = []
-    for prompt in prompts:
-        ids = torch.tensor([[expected["start_token_id"], *tokenizer.encode(prompt, add_special_tokens=False)]])
-        with torch.no_grad():
-            out = hf.generate(ids, max_new_tokens=pair.workload.new_tokens, do_sample=False,
-                              eos_token_id=[s for [s] in expected["stop_token_ids"]], pad_token_id=0)
-        new = [int(t) for t in out[0, ids.shape[1]:] if [int(t)] not in expected["stop_token_ids"]]
-        hf_texts.append(tokenizer.decode(new))
+        engine = bundle.run_engine(bundle.EngineJob(str(path), bundle.TOKENIZER_TEXTS, tuple(prompts), scored,
+                                                    conversation, pair.workload.new_tokens, state.options.num_threads))
+    expected = bundle.hf_expected_metadata(pair, state.checkpoint, tokenizer)
+    stops = [s for [s] in expected["stop_token_ids"]]
+    if recipe is None:
+        reference = bundle.HFReference(pair, state.checkpoint)
+    else:
+        reference = bundle.RunnerReference(TFLiteRunner(flatbuffer, pair.export.prefill_lens, pair.export.kv_cache_max,
+                                                        state.options.num_threads))
+    with state.timed("reference"):
+        texts = [tokenizer.decode(reference.greedy(
+            bundle.with_start(expected["start_token_id"], tokenizer.encode(p, add_special_tokens=False)),
+            pair.workload.new_tokens, stops)) for p in prompts]
+        scores = [bundle.reference_scores(reference, tokenizer, expected["start_token_id"], context, target)
+                  for context, target in scored]
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in bundle.TOKENIZER_TEXTS]
-    stage = stages.LITERTLM
+    against = "HF" if recipe is None else "the interpreter"
+    if conversation:
+        template = checks.prompt_template(
+            pair.name, stage, list(tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True,
+                                                                 tokenize=True, return_dict=False)),
+            bundle.with_start(expected["start_token_id"], engine["rendered_ids"]), engine["rendered"],
+            state.gate(stage, stages.PROMPT_TEMPLATE))
+    else:
+        template = CheckResult(pair.name, stage, stages.PROMPT_TEMPLATE, SKIP,
+                               message="the pair's tokenizer has no chat template: the bundle carries none")
     return [
         checks.tokenizer_parity(pair.name, stage, bundle.TOKENIZER_TEXTS, hf_ids, [tokenizer.decode(i) for i in hf_ids],
                                 engine["tokenized"], engine["detokenized"], state.gate(stage, stages.TOKENIZER)),
         checks.bundle_metadata(pair.name, stage, expected, engine, state.gate(stage, stages.METADATA)),
-        checks.bundle_greedy(pair.name, stage, hf_texts, engine["greedy"], state.gate(stage, stages.GREEDY_TEXT)),
+        template,
+        checks.bundle_greedy(pair.name, stage, texts, engine["greedy"], state.gate(stage, stages.GREEDY_TEXT), against),
+        checks.bundle_score(pair.name, stage, scored, scores, engine["token_scores"], state.gate(stage, stages.SCORE),
+                            against),
     ]
 
 
@@ -303,6 +323,12 @@ STAGES = (
     StageSpec(stages.TFLITE_FLOAT, stages.REAUTHORED, (stages.REAUTHORED,), run_tflite_float),
     StageSpec(stages.LITERTLM, stages.HF, (stages.HF, stages.REAUTHORED), run_litertlm, opt_in=True),
 )
+
+
+def litertlm_recipe_stage(recipe: str) -> StageSpec:
+    """The bundle of a quantized flatbuffer, held to the interpreter on that flatbuffer."""
+    return StageSpec(stages.litertlm_stage(recipe), stages.tflite_stage(recipe), (stages.tflite_stage(recipe),),
+                     functools.partial(run_litertlm, recipe=recipe), opt_in=True)
 
 
 def recipe_stage(recipe: str) -> StageSpec:
@@ -321,10 +347,13 @@ def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
 def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
     """The stages a run of `pair` goes through, in order: hf and reauthored always, every wanted stage and
     what it needs (a recipe brings tflite_float, stablehlo brings exported)."""
-    specs = {spec.name: spec for spec in STAGES}
-    wanted = [recipe_stage(r) for r in planned_recipes(pair, options) if r in pair.quant_recipes]
-    wanted += [spec for spec in STAGES if spec.name in (stages.HF, stages.REAUTHORED) or (
-        options.config.wants(spec.name) and (not spec.opt_in or spec.name in (options.stages or ())))]
+    recipes = [r for r in (pair.default_quant if options.quant is None else options.quant) if r in pair.quant_recipes]
+    specs = {spec.name: spec for spec in (*STAGES, *map(recipe_stage, recipes), *map(litertlm_recipe_stage, recipes))}
+
+    def wanted(spec: StageSpec) -> bool:
+        return spec.name in (stages.HF, stages.REAUTHORED) or (
+            options.config.wants(spec.name) and (not spec.opt_in or spec.name in (options.stages or ())))
+
     plan: dict[str, StageSpec] = {}
 
     def add(spec: StageSpec) -> None:
@@ -332,10 +361,11 @@ def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
             add(specs[need])
         plan.setdefault(spec.name, spec)
 
-    for spec in wanted:
-        add(spec)
-    order = [s.name for s in STAGES]
-    return sorted(plan.values(), key=lambda s: order.index(s.name) if s.name in order else len(order))
+    for spec in specs.values():
+        if wanted(spec):
+            add(spec)
+    order = list(specs)
+    return sorted(plan.values(), key=lambda s: order.index(s.name))
 
 
 @dataclasses.dataclass

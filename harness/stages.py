@@ -7,6 +7,7 @@ STABLEHLO = "stablehlo"
 TFLITE_FLOAT = "tflite_float"
 TFLITE_PREFIX = "tflite_"
 LITERTLM = "litertlm"  # the float flatbuffer bundled with its tokenizer, run by the LiteRT-LM engine (opt-in)
+LITERTLM_PREFIX = "litertlm_"  # litertlm_<recipe>: a quantized flatbuffer's bundle
 
 FLOAT_STAGES = (HF, REAUTHORED, EXPORTED, STABLEHLO, TFLITE_FLOAT)
 
@@ -39,6 +40,11 @@ def tflite_stage(recipe: str) -> str:
     return f"{TFLITE_PREFIX}{recipe}"
 
 
+def litertlm_stage(recipe: str | None) -> str:
+    """Stage name of a bundle: litertlm for the float flatbuffer's, litertlm_<recipe> for a quantized one's."""
+    return LITERTLM if recipe is None else f"{LITERTLM_PREFIX}{recipe}"
+
+
 def is_quantized(stage: str) -> bool:
     """A tflite_<recipe> stage (tflite_float is not one)."""
     return stage.startswith(TFLITE_PREFIX) and stage != TFLITE_FLOAT
@@ -56,7 +62,9 @@ COMPOSITE_BODY = "composite_body"  # stablehlo: composite bodies as lowered vs a
 PERPLEXITY = "perplexity"  # real text (harness/realtext.py)
 GREEDY_TEXT = "greedy_text"
 TOKENIZER = "tokenizer"  # litertlm: the engine's tokenize/detokenize against the HF tokenizer
-METADATA = "metadata"  # litertlm: the bundle's start/stop ids against HF's
+METADATA = "metadata"  # litertlm: the bundle's start/stop ids and context length against HF's
+PROMPT_TEMPLATE = "prompt_template"  # litertlm: the engine's chat template against HF's apply_chat_template
+SCORE = "score"  # litertlm: the engine's text scoring against the reference's log-probabilities
 BENCH = "bench"  # the performance gate's pseudo-stage (harness/bench/)
 QUANTIZED_FALLBACK = "tflite_quantized"  # gates for any tflite_<recipe> without a table of its own
 GATED_METRICS = {
@@ -76,6 +84,12 @@ GATED_METRICS = {
     GREEDY_TEXT: ("identical",),
     TOKENIZER: ("mismatches",),
     METADATA: ("mismatches",),
+    PROMPT_TEMPLATE: ("mismatches",),
+    # score_err: the worst |summed log-probability| difference (nats) of a target over its context; token_err:
+    # the worst per token; dropped_token_context_err: score_err against the context with its second-to-last
+    # token dropped (what litert-lm-api 0.18.1 scores against, models/_defects.py); token_count_mismatches:
+    # targets the engine split into a different number of tokens.
+    SCORE: ("score_err", "token_err", "dropped_token_context_err", "token_count_mismatches"),
     "decode_tokens_per_s": ("slowdown",),
     "prefill_tokens_per_s": ("slowdown",),
 }
@@ -88,6 +102,7 @@ CHECKS_AT = {
     TFLITE_FLOAT: (LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT, DIVERGENCE),
     QUANTIZED_FALLBACK: _QUANTIZED_CHECKS,
     **{tflite_stage(r): _QUANTIZED_CHECKS for r in QUANT_RECIPES},
-    LITERTLM: (TOKENIZER, METADATA, GREEDY_TEXT),
+    LITERTLM: (TOKENIZER, METADATA, PROMPT_TEMPLATE, GREEDY_TEXT, SCORE),
+    **{litertlm_stage(r): (TOKENIZER, METADATA, PROMPT_TEMPLATE, GREEDY_TEXT, SCORE) for r in QUANT_RECIPES},
     BENCH: ("decode_tokens_per_s", "prefill_tokens_per_s"),
 }

@@ -17,7 +17,7 @@ from typing import Callable
 
 from harness import child, report, stages
 from harness.config import RunConfig
-from harness.pairs import DEFAULT_SUITE, ModelPair, discover, scan, select, unknown_model_message
+from harness.pairs import DEFAULT_SUITE, ModelPair, declared_defects, discover, scan, select, unknown_model_message
 from harness.paths import display_path, scrub
 from harness.pipeline import ExtraCheck, PairReport, Progress, RunOptions, planned_stages, verify_pair
 from harness.provenance import harness_commit
@@ -164,7 +164,8 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                    for p in pairs if p.name not in done]
         finished = [p for p in pairs if p.name in done]
         models = {p.name: {"description": p.description, "features": list(p.features),
-                           "expected_failures": [dataclasses.asdict(d) for d in p.expected_failures],
+                           "expected_failures": [dataclasses.asdict(d) for d in declared_defects(p) if d in p.expected_failures
+                                                 or any(r.stage == d.stage for r in done[p.name].results)],
                            "timings": done[p.name].timings, "notes": done[p.name].notes} for p in finished}
         results = unknown_records + [r for p in finished for r in done[p.name].results]
         return report.parity_document({**run, "status": status}, results + waiting, models)

@@ -12,6 +12,7 @@ from harness.errors import HarnessError
 from harness.pairs import ExportSettings, ModelPair
 from harness.reauthor import decoder_builder
 from harness.workload import TextWorkload
+from harness.bundle import ENGINE_SCORES_WITHOUT_SECOND_TO_LAST_TOKEN
 from models._defects import GELU_TANH_LOWERED_AS_ERF, declared
 from models._points import QK_NORM_POINTS
 
@@ -19,6 +20,33 @@ from models._points import QK_NORM_POINTS
 # with realtext.write_prompts(tokenizer, 200, path) if the corpus changes (tests/test_real_model.py checks).
 PROMPTS = "gemma3_270m_prompts.json"
 EXAMPLE = "litert_torch.generative.examples.gemma3.decoder"  # litert-torch, imported when a model is built
+
+
+# Gemma 3's chat template as Google's instruction-tuned checkpoints ship it in tokenizer_config.json
+# (transcribed; the GGUF carries none and there is no hub here): the checkpoint's tokenizer gets it, so HF's
+# apply_chat_template, the bundle's prompt template and its <end_of_turn> stop all come from one text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = \"\" -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{ raise_exception(\"Invalid content type\") }}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
 
 
 def reauthored_config():
@@ -44,7 +72,9 @@ def build_checkpoint(out: Path) -> None:
         # Loaded dequantized, but still tagged with the GGUF quantizer, which refuses to save.
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name).save_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(out)
 
 
 def prompts() -> list[list[int]]:
@@ -79,6 +109,11 @@ PAIR = ModelPair(
     # approximate= passed in the GELU composite builder, 4.3e-4 (prefill_128 of prompt 1), under its 2e-3 gate.
     # Not yet measured as composite_body: its stablehlo logits moved by 0.108 with the erf bodies (every prompt);
     # the band is ~3x either side of that.
-    expected_failures=(declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(0.03, 0.3)),),
+    expected_failures=(
+        declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(0.03, 0.3)),
+        # Its float scores on the shortened context are 1.7e-3 nats off HF's at worst (262k vocabulary,
+        # contexts up to 160 tokens), not the tiny pairs' 1.6e-5; the score gate is 1e-2 for it too.
+        declared(ENGINE_SCORES_WITHOUT_SECOND_TO_LAST_TOKEN, score_err=(1e-2, 100.0), dropped_token_context_err=(0.0, 1e-2)),
+    ),
     divergence_points=QK_NORM_POINTS,
 )

@@ -261,13 +261,16 @@ def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, t
 
 
 def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):
-    from harness.pipeline import STAGES, planned_stages, recipe_stage
+    from harness.pipeline import STAGES, litertlm_recipe_stage, planned_stages, recipe_stage
 
     assert [s.name for s in STAGES if not s.opt_in] == list(stages.FLOAT_STAGES)
     assert [s.name for s in STAGES if s.opt_in] == [stages.LITERTLM]
     assert all(s.name in stages.CHECKS_AT and (s.parent is None or s.parent in s.needs) for s in STAGES)
     spec = recipe_stage("fp16")
     assert (spec.name, spec.parent, spec.needs) == ("tflite_fp16", stages.TFLITE_FLOAT, (stages.TFLITE_FLOAT,))
+    spec = litertlm_recipe_stage("fp16")
+    assert (spec.name, spec.parent, spec.needs, spec.opt_in) == ("litertlm_fp16", "tflite_fp16", ("tflite_fp16",), True)
+    assert spec.name in stages.CHECKS_AT
     plan = planned_stages(tiny_llama, options.derive(stages=(stages.STABLEHLO,), quant=()))
     assert [s.name for s in plan] == ["hf", "reauthored", "exported", "stablehlo"]
     plan = planned_stages(tiny_llama, options.derive(stages=("tflite_fp16",), quant=("fp16",)))
