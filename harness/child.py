@@ -31,6 +31,7 @@ HANDLERS = {
     "verify_pair": "harness.suite:verify_pair_job",
     "bench_tflite": "harness.bench.worker:measure_tflite",
     "bench_quick": "harness.bench.worker:measure_quick",
+    "bench_engine": "harness.bench.worker:measure_engine",
     "bench_reauthored": "harness.bench.worker:measure_reauthored",
     "bench_bandwidth": "harness.bench.worker:measure_bandwidth",
     "bench_delegation": "harness.bench.worker:measure_delegation",

@@ -74,7 +74,8 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
 
 
-def cached_artifact(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache) -> Path | None:
+def cached_artifact(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache,
+                    kv_layout: str = "default") -> Path | None:
     """The flatbuffer `convert` would return, if the cache holds it intact; None when it must be converted."""
-    entry = cache.lookup(TFLITE, artifact_key(pair, checkpoint, recipe, cache.code_digests()))
+    entry = cache.lookup(TFLITE, artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout))
     return entry / MODEL_FILE if entry else None

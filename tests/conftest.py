@@ -88,9 +88,10 @@ def tiny_llama_report(pair_report):
 
 @pytest.fixture(scope="session")
 def bench_settings(cache):
-    """Bench settings short enough for a test: one thread, a few steps, three gate rounds."""
+    """Bench settings short enough for a test: one thread, a few steps, three gate rounds, no engine
+    (tests/test_bench_engine.py measures the bundle)."""
     return bench.BenchSettings(threads=(1,), decode_steps=16, warmup=2, prefill_repeats=2, rounds=3,
-                               cache_dir=str(cache.root))
+                               cache_dir=str(cache.root), engine=False)
 
 
 @pytest.fixture(scope="session")

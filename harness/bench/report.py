@@ -59,6 +59,67 @@ def measurement_table(document: dict, fmt: str = "github") -> str:
         "binding overhead ms/token", "bandwidth efficiency", "x PyTorch decode"])
 
 
+ENGINE_NOTE = ("The engine's figures are its benchmark mode's (`litert_lm.Benchmark`: a fresh engine and session "
+               "per run, float32 activations, a prompt of as many tokens as the largest prefill signature, then "
+               "as many decode steps as the interpreter's or as the context leaves), the median of the runs after "
+               "a cold one; its init is the cold run's / the median. The interpreter's time to first token is its "
+               "prefill's median latency at that length. Peak RSS is each measuring process's high-water mark "
+               "(VmHWM), with the runtime loaded before the model in both (+model: the rise above that). The "
+               "bundle's flatbuffer is the float one in the transposed KV layout (the engine's); the "
+               "interpreter's is in the default layout.")
+
+
+def _interpreter_rows(engine: dict, interpreter: dict) -> list[list]:
+    """The float flatbuffer's figures at the engine's prefill length: the runtime and the signature runners."""
+    n = str(engine["prefill"]["tokens"])
+    versus = engine.get("vs_interpreter") or {}
+    binding = interpreter["binding"]
+
+    def row(runtime: str, create_ms: float, prefill: dict | None, decode_ms: float, rss: str, ratios: dict) -> list:
+        ttft = prefill["median_ms"] if prefill else None
+        return [engine["model"], engine["threads"], runtime, _f(create_ms), _f(ttft),
+                f"{int(n) / ttft * 1e3:.0f}" if ttft else "", f"{1e3 / decode_ms:.0f}", rss,
+                *(_f(ratios.get(k)) for k in ("ttft", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss"))]
+
+    rss = f"{interpreter['peak_rss_mb']:.0f} (+{interpreter['peak_rss_mb'] - interpreter['rss_before_mb']:.0f})"
+    return [row("CompiledModel", interpreter["create_ms"], interpreter["prefill"].get(n),
+                interpreter["decode"]["median_ms"], rss, versus.get("compiled", {})),
+            row("signature runner", binding["create_ms"], binding["prefill"].get(n), binding["decode"]["median_ms"],
+                "", versus.get("signature_runner", {}))]
+
+
+def engine_table(document: dict, fmt: str = "github") -> str:
+    """The bundle in the engine, each thread count followed by the float flatbuffer's figures and the ratios."""
+    rows = []
+    for e in document["engine"]:
+        if "error" in e:
+            continue
+        rows.append([e["model"], e["threads"], "LiteRT-LM engine", f"{_f(e['first_init_ms'])} / {_f(e['init_ms'])}",
+                     _f(e["ttft"]["median_ms"]), f"{e['prefill']['tokens_per_s']:.0f}",
+                     f"{e['decode']['tokens_per_s']:.0f}",
+                     f"{e['peak_rss_mb']:.0f} (+{e['peak_rss_mb'] - e['rss_before_mb']:.0f})", "", "", "", ""])
+        interpreter = next((m for m in document["measurements"] if m["model"] == e["model"]
+                            and m["recipe"] == e["recipe"] and m["threads"] == e["threads"]), None)
+        rows += _interpreter_rows(e, interpreter) if interpreter else []
+    return tabulate(rows, tablefmt=fmt, headers=[
+        "model", "threads", "runtime", "create / init ms", "TTFT ms", "prefill tok/s", "decode tok/s",
+        "peak RSS MiB (+model)", "engine/this TTFT", "engine/this prefill tok/s", "engine/this decode tok/s",
+        "engine/this peak RSS"])
+
+
+def engine_lines(document: dict) -> list[str]:
+    engine = document["engine"]
+    measured = [e for e in engine if "error" not in e]
+    lines = ["## The bundle in the LiteRT-LM engine, beside the float flatbuffer in the interpreter", ""]
+    if measured:
+        tokens = sorted({(e["prefill"]["tokens"], e["decode"]["tokens"], e["repeats"]) for e in measured})
+        lines += [engine_table(document), "",
+                  "Prefill / decode tokens, runs: " + ", ".join(f"{p} / {d}, {r}" for p, d, r in tokens) + ". "
+                  + ENGINE_NOTE, ""]
+    lines += [f"- {e['model']}, {e['threads']} thread(s): ERROR {e['error'][:600]}" for e in engine if "error" in e]
+    return lines + ([""] if len(measured) < len(engine) else [])
+
+
 def delegation_table(document: dict, fmt: str = "github") -> str:
     """One row per artifact and distinct delegation; signatures delegated alike share a row."""
     groups: dict[tuple, list[str]] = {}
@@ -123,6 +184,8 @@ def render_perf(document: dict, plot: str | None = None) -> str:
                   "KV cache in and out per call (as the parity stages run them), minus the runtime figure.", ""]
         if plot:
             lines += [f"![latency]({plot})", ""]
+        if document.get("engine"):
+            lines += engine_lines(document)
         lines += ["## XNNPack delegation", "", delegation_table(document), "",
                   "Found from the interpreter's nodes after delegation: each DELEGATE node's partition is walked "
                   "back from its outputs to its inputs; nodes in no partition run on LiteRT's own kernels "

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,23 @@ class Artifact:
         return f"{self.model}/{self.stage}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """One .litertlm bundle to measure in the LiteRT-LM engine: the float flatbuffer (transposed KV layout) with
+    the pair's tokenizer, as the litertlm stage builds it. It prefills as many tokens as the largest prefill
+    signature, the interpreter's figure it is compared with."""
+
+    model: str
+    path: Path
+    prefill_tokens: int
+    context_length: int
+    stage = stages.LITERTLM
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.stage}"
+
+
 @dataclasses.dataclass
 class BenchSettings:
     """How long each measurement runs; the defaults keep a tiny model's bench to a few minutes."""
@@ -63,32 +81,65 @@ class BenchSettings:
     cache_dir: str = ""
     models_dirs: tuple[str, ...] = ()
     pytorch: bool = True
+    engine: bool = True  # the float bundle in the LiteRT-LM engine, beside the float flatbuffer
+    engine_repeats: int = 5  # engine runs (fresh engine, prefill, decode) per thread count, after a cold one
 
     def job(self, kind: str, **fields) -> dict:
         return {"kind": kind, "decode_steps": self.decode_steps, "warmup": self.warmup,
                 "prefill_repeats": self.prefill_repeats, **fields}
 
+    def engine_job(self, bundle: Bundle, threads: int) -> dict:
+        """Decode as many steps as the interpreter does, or as the context leaves after the prefill."""
+        return {"kind": "engine", "path": str(bundle.path), "threads": threads, "repeats": self.engine_repeats,
+                "prefill_tokens": bundle.prefill_tokens,
+                "decode_tokens": min(self.decode_steps, bundle.context_length - bundle.prefill_tokens)}
+
+
+def flatbuffer(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache, models: dict, echo: Echo,
+               kv_layout: str = "default") -> Path:
+    """A pair's flatbuffer from the cache, converted on a miss from the re-authored model (built once, in `models`)."""
+    from harness.checkpoint import build_reauthored
+
+    path = cached_artifact(pair, checkpoint, recipe, cache, kv_layout)
+    if path is None:
+        echo(f"[{pair.name}] converting {recipe}{'' if kv_layout == 'default' else f' ({kv_layout} KV layout)'} "
+             "(not in the cache)")
+        if pair.name not in models:
+            models[pair.name], _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
+        path = convert(pair, models[pair.name], checkpoint, recipe, cache, kv_layout=kv_layout)
+    return path
+
 
 def resolve_artifacts(pairs: list[ModelPair], recipes: tuple[str, ...] | None, cache: ArtifactCache,
                       echo: Echo = print) -> list[Artifact]:
     """The float flatbuffer and each recipe's of every pair: from the cache, converted on a miss."""
-    from harness.checkpoint import build_reauthored, reference_checkpoint
+    from harness.checkpoint import reference_checkpoint
 
-    artifacts = []
+    artifacts, models = [], {}
     for pair in pairs:
         checkpoint = reference_checkpoint(pair, cache)
         wanted = [FLOAT] + [r for r in (pair.default_quant if recipes is None else recipes)
                             if r in pair.quant_recipes]
-        model = None
         for recipe in wanted:
-            path = cached_artifact(pair, checkpoint, recipe, cache)
-            if path is None:
-                echo(f"[{pair.name}] converting {recipe} (not in the cache)")
-                if model is None:
-                    model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
-                path = convert(pair, model, checkpoint, recipe, cache)
+            path = flatbuffer(pair, checkpoint, recipe, cache, models, echo)
             artifacts.append(Artifact(pair.name, recipe, path, tuple(pair.export.prefill_lens)))
     return artifacts
+
+
+def resolve_bundles(pairs: list[ModelPair], cache: ArtifactCache, echo: Echo = print) -> list[Bundle]:
+    """The float bundle of every pair, built as the litertlm stage builds it (harness.bundle), cached."""
+    from harness import bundle
+    from harness.checkpoint import reference_checkpoint
+
+    bundles, models = [], {}
+    for pair in pairs:
+        checkpoint = reference_checkpoint(pair, cache)
+        path = flatbuffer(pair, checkpoint, FLOAT, cache, models, echo, kv_layout="transposed")
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = bundle.hf_settings(pair, checkpoint)
+            built = bundle.build_bundle(path, bundle.tokenizer_file(pair, checkpoint, Path(tmp)), settings, cache)
+        bundles.append(Bundle(pair.name, built, max(pair.export.prefill_lens), settings.context_length))
+    return bundles
 
 
 def run_job(job: dict, timeout: float = 3600) -> dict:
@@ -100,6 +151,42 @@ def run_job(job: dict, timeout: float = 3600) -> dict:
     except child.ChildFailed as failure:
         raise RuntimeError(f"bench job {job['kind']} exited with {failure.code}: "
                            + " | ".join(t for t in failure.tail if t.strip())[-1500:]) from None
+
+
+def run_engine_job(job: dict) -> dict:
+    """An engine measurement (harness.bench.worker.measure_engine); its failure is raised with the engine's own
+    reason from its log (its Python layer says only "failed")."""
+    from harness.bundle import engine_reason
+
+    with tempfile.TemporaryDirectory(prefix="edge-parity-engine-") as tmp:
+        log = Path(tmp) / "engine.log"
+        try:
+            return run_job({**job, "log": str(log)})
+        except RuntimeError as e:
+            reason = engine_reason(log)
+            raise RuntimeError(f"the LiteRT-LM engine failed on {display_path(job['path'])}{reason}"
+                               if reason else str(e)) from None
+
+
+def versus_interpreter(engine: dict, interpreter: dict) -> dict:
+    """Engine over interpreter, at the engine's prefill length: against the runtime (CompiledModel, buffers
+    reused) and against the signature runners the parity stages use (every KV cache copied per call). The
+    interpreter's time to first token is its prefill's median latency."""
+    n = str(engine["prefill"]["tokens"])
+    if n not in interpreter["prefill"]:
+        return {}
+    prefill_tps, decode_tps = engine["prefill"]["tokens_per_s"], engine["decode"]["tokens_per_s"]
+    compiled, binding = interpreter, interpreter["binding"]
+    return {
+        "prefill_tokens": int(n),
+        "compiled": {"prefill_tokens_per_s": prefill_tps / compiled["prefill"][n]["tokens_per_s"],
+                     "decode_tokens_per_s": decode_tps / compiled["decode"]["tokens_per_s"],
+                     "ttft": engine["ttft"]["median_ms"] / compiled["prefill"][n]["median_ms"],
+                     "peak_rss": engine["peak_rss_mb"] / compiled["peak_rss_mb"]},
+        "signature_runner": {"prefill_tokens_per_s": prefill_tps * binding["prefill"][n]["median_ms"] / 1e3 / int(n),
+                             "decode_tokens_per_s": decode_tps * binding["decode"]["median_ms"] / 1e3,
+                             "ttft": engine["ttft"]["median_ms"] / binding["prefill"][n]["median_ms"]},
+    }
 
 
 def derived(record: dict, bandwidth_gbs: float, weight_bytes: int, pytorch: dict | None) -> dict:
@@ -124,11 +211,13 @@ def derived(record: dict, bandwidth_gbs: float, weight_bytes: int, pytorch: dict
     return {"overhead": overhead, "efficiency": efficiency, "vs_pytorch": versus}
 
 
-def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = print) -> dict:
-    """Every artifact at every thread count, each in its own process; PyTorch once per model and thread count."""
+def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = print,
+            bundles: tuple[Bundle, ...] = ()) -> dict:
+    """Every artifact at every thread count, each in its own process; PyTorch once per model and thread count;
+    each bundle in the engine after its model's flatbuffers, at the same thread count, so they share the noise."""
     echo("[bench] memory bandwidth")
     bandwidth = run_job({"kind": "bandwidth"})
-    described, measurements, pytorch = [], [], []
+    described, measurements, pytorch, engine = [], [], [], []
     for artifact in artifacts:
         echo(f"[{artifact.label}] XNNPack delegation")
         entry = {"model": artifact.model, "stage": artifact.stage, "recipe": artifact.recipe,
@@ -161,7 +250,20 @@ def measure(artifacts: list[Artifact], settings: BenchSettings, echo: Echo = pri
                                  and "error" not in p), None)
             record.update(derived(record, bandwidth["copy_gbs"], entry["decode_weight_bytes"], torch_record))
             measurements.append(record)
-    return {"bandwidth": bandwidth, "artifacts": described, "measurements": measurements, "pytorch": pytorch}
+        for bundle in bundles:
+            echo(f"[{bundle.label}] LiteRT-LM engine, {threads} thread(s)")
+            record = {"model": bundle.model, "stage": bundle.stage, "recipe": FLOAT, "threads": threads,
+                      "path": display_path(bundle.path)}
+            try:
+                record.update(run_engine_job(settings.engine_job(bundle, threads)))
+            except RuntimeError as e:  # the engine's failure must not lose the interpreter's figures
+                engine.append({**record, "error": str(e)})
+                continue
+            interpreter = next((m for m in measurements if m["model"] == bundle.model and m["recipe"] == FLOAT
+                                and m["threads"] == threads), None)
+            engine.append({**record, "vs_interpreter": versus_interpreter(record, interpreter) if interpreter else {}})
+    return {"bandwidth": bandwidth, "artifacts": described, "measurements": measurements, "pytorch": pytorch,
+            "engine": engine}
 
 
 def _baseline_name(artifact: Artifact) -> str:
@@ -298,7 +400,8 @@ def run_bench(pairs: list[ModelPair], recipes: tuple[str, ...] | None, cache: Ar
     artifacts = resolve_artifacts(pairs, recipes, cache, echo)
     if save_dir is not None:
         echo(f"[bench] baseline saved: {save_baseline(artifacts, save_dir)}")
-    measured = None if gate_only else measure(artifacts, settings, echo)
+    bundles = resolve_bundles(pairs, cache, echo) if settings.engine and not gate_only else []
+    measured = None if gate_only else measure(artifacts, settings, echo, tuple(bundles))
     comparisons = compare_all(artifacts, baseline_dir, settings.threads[0], settings, gates, echo) \
         if baseline_dir is not None else []
     document = perf_document(bench_run_metadata(settings, gates, str(baseline_dir) if baseline_dir else None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,6 +165,40 @@ def measure_binding(job: dict) -> dict:
 
     decode = summarize(_timed(step, job["decode_steps"], job["warmup"]))
     return {"create_ms": create_ms, "prefill": prefill, "decode": decode}
+
+
+def measure_engine(job: dict, channel=None) -> dict:
+    """The bundle in the LiteRT-LM engine, timed by the engine's own benchmark mode: `repeats` runs of a fresh
+    engine and session (after one that fills its XNNPack cache), each prefilling `prefill_tokens` and decoding
+    `decode_tokens`; medians over the runs, and this process's peak RSS.
+
+    The engine's log (stderr) goes to job["log"], where the parent finds the reason of a failure.
+    """
+    with open(job["log"], "ab") as log:  # the engine's own error lines never reach Python's exception
+        os.dup2(log.fileno(), 2)
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.WARNING)  # loads the engine's library: not the model's RSS
+    rss_before = current_rss_mb()
+    backend = litert_lm.Backend.CPU(thread_count=job["threads"])
+    with tempfile.TemporaryDirectory(prefix="litertlm-cache-") as cache_dir:  # not beside the cached bundle
+        def run():
+            return litert_lm.Benchmark(job["path"], backend, prefill_tokens=job["prefill_tokens"],
+                                       decode_tokens=job["decode_tokens"], cache_dir=cache_dir,
+                                       activation_data_type=litert_lm.ActivationDataType.FLOAT32).run()
+
+        first = run()
+        runs = [run() for _ in range(job["repeats"])]
+    return {
+        "size_bytes": os.path.getsize(job["path"]), "first_init_ms": first.init_time_in_second * 1e3,
+        "init_ms": float(np.median([r.init_time_in_second * 1e3 for r in runs])),
+        "ttft": summarize([r.time_to_first_token_in_second for r in runs]),
+        "prefill": {"tokens": runs[0].last_prefill_token_count,
+                    "tokens_per_s": float(np.median([r.last_prefill_tokens_per_second for r in runs]))},
+        "decode": {"tokens": runs[0].last_decode_token_count,
+                   "tokens_per_s": float(np.median([r.last_decode_tokens_per_second for r in runs]))},
+        "repeats": len(runs), "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def measure_quick(job: dict, channel=None) -> dict:
