@@ -111,7 +111,7 @@ PAIR = ModelPair(
     # the band is ~3x either side of that.
     expected_failures=(
         declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(0.03, 0.3)),
-        # Its float scores on the shortened context are 1.7e-3 nats off HF's at worst (262k vocabulary,
+        # Its float scores on the shortened context are 1.8e-3 nats off HF's at worst (262k vocabulary,
         # contexts up to 160 tokens), not the tiny pairs' 1.6e-5; the score gate is 1e-2 for it too.
         declared(ENGINE_SCORES_WITHOUT_SECOND_TO_LAST_TOKEN, score_err=(1e-2, 100.0), dropped_token_context_err=(0.0, 1e-2)),
     ),
