@@ -408,14 +408,39 @@ def _run_step(report: PairReport, state: RunState, name: str, needs: tuple[str, 
         progress(model, name, report.timings[name], produced)
 
 
+def unplanned_records(pair: ModelPair, options: RunOptions, planned: set[str]) -> list[CheckResult]:
+    """A stage named in --stages that the plan left out: a recipe's stage whose recipe this run does not
+    convert is an error (a stage asked for and not run must not read as a pass); one the pair has no such
+    recipe for is a skip, said once per recipe with the tflite_<recipe> stage's."""
+    out = []
+    for name in options.stages or ():
+        if name in planned:
+            continue
+        recipe = name.removeprefix(stages.LITERTLM_PREFIX).removeprefix(stages.TFLITE_PREFIX)
+        if recipe not in stages.QUANT_RECIPES:
+            continue  # hf and reauthored always run; a float stage named is always planned
+        if recipe in planned_recipes(pair, options) and recipe not in pair.quant_recipes:
+            if name.startswith(stages.LITERTLM_PREFIX):
+                out.append(CheckResult(pair.name, name, stages.STAGE_RUN, SKIP,
+                                       message=f"recipe {recipe} does not apply to {pair.name}"))
+            continue
+        out.append(CheckResult(pair.name, name, stages.STAGE_RUN, ERROR,
+                               message=f"--stages names {name}, but this run converts no {recipe} flatbuffer for "
+                                       f"{pair.name} (recipes: {', '.join(planned_recipes(pair, options)) or 'none'}); "
+                                       f"add --quant {recipe}"))
+    return out
+
+
 def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None) -> PairReport:
     """Every planned stage of one pair, compared with the stage it was derived from, then the extra checks."""
     state = RunState(pair, options)
     report = PairReport(pair.name, [], {}, state.notes, state)
     skipped = dict(pair.skipped_checks)
     with options.cache.scope() as tally:
-        for spec in planned_stages(pair, options):
+        plan = planned_stages(pair, options)
+        for spec in plan:
             _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
+        report.results += unplanned_records(pair, options, {spec.name for spec in plan})
         if any(localisable(r.stage) for r in report.results if r.status == FAIL):  # say where a failure begins
             _run_step(report, state, stages.DIVERGENCE, (), functools.partial(localise_failures, state, report.results),
                       progress)

@@ -275,3 +275,15 @@ def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny
     assert [s.name for s in plan] == ["hf", "reauthored", "exported", "stablehlo"]
     plan = planned_stages(tiny_llama, options.derive(stages=("tflite_fp16",), quant=("fp16",)))
     assert [s.name for s in plan] == ["hf", "reauthored", "tflite_float", "tflite_fp16"]
+
+
+def test_a_named_recipe_stage_this_run_does_not_convert_is_an_error_not_a_pass(tiny_llama, options):
+    from harness.pipeline import planned_stages, unplanned_records
+
+    asked = options.derive(stages=("tflite_fp16", "litertlm_fp16"))  # fp16 is not among the pair's default recipes
+    planned = {s.name for s in planned_stages(tiny_llama, asked)}
+    records = unplanned_records(tiny_llama, asked, planned)
+    assert [(r.stage, r.status) for r in records] == [("tflite_fp16", "error"), ("litertlm_fp16", "error")]
+    assert "add --quant fp16" in records[0].message
+    with_recipe = asked.derive(quant=("fp16",))
+    assert unplanned_records(tiny_llama, with_recipe, {s.name for s in planned_stages(tiny_llama, with_recipe)}) == []
