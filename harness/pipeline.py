@@ -250,8 +250,8 @@ def run_quantized(state: RunState, recipe: str) -> list[CheckResult]:
 
 def run_litertlm(state: RunState, recipe: str | None = None) -> list[CheckResult]:
     """A flatbuffer (transposed KV layout), float or quantized by `recipe`, bundled with the pair's tokenizer
-    and HF's start/stop ids, run by the LiteRT-LM engine: its tokenizer, metadata, greedy text and text
-    scores. The float bundle is held to HF; a quantized one to the interpreter on the same flatbuffer, so a
+    and HF's start/stop ids and chat template, run by the LiteRT-LM engine: its tokenizer, metadata, prompt
+    template, greedy text and text scores. The float bundle is held to HF; a quantized one to the interpreter on the same flatbuffer, so a
     difference is the engine's, not the recipe's (quant_accuracy judges the recipe)."""
     import tempfile
 
@@ -293,6 +293,8 @@ def run_litertlm(state: RunState, recipe: str | None = None) -> list[CheckResult
             pair.workload.new_tokens, stops)) for p in prompts]
         scores = [bundle.reference_scores(reference, tokenizer, expected["start_token_id"], context, target)
                   for context, target in scored]
+    if recipe is not None:
+        reference.runner.release()  # a real model's interpreter holds GiBs of packed weights
     hf_ids = [tokenizer.encode(t, add_special_tokens=False) for t in bundle.TOKENIZER_TEXTS]
     against = "HF" if recipe is None else "the interpreter"
     if conversation:
