@@ -9,9 +9,6 @@ HF_CONFIG = dict(
     rope_theta=1_000_000.0,
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
-    # Qwen's checkpoints name a stop token and their tokenizer adds no start token: the word tokenizer's
-    # <eos>, and no bos_token_id, so the bundle is built with no start token (the engine then adds none).
-    eos_token_id=2,
 )
 
 

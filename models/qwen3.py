@@ -11,9 +11,6 @@ HF_CONFIG = dict(
     rms_norm_eps=1e-6,
     # qwen3.TENSOR_NAMES maps lm_head, so the untied layout of Qwen3-8B and up.
     tie_word_embeddings=False,
-    # Qwen's checkpoints name a stop token and their tokenizer adds no start token: the word tokenizer's
-    # <eos>, and no bos_token_id, so the bundle is built with no start token (the engine then adds none).
-    eos_token_id=2,
 )
 
 
