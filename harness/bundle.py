@@ -9,6 +9,7 @@ their own: they get a word-level one, one word per id, so that ids are recovered
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -78,6 +79,7 @@ with tempfile.TemporaryDirectory() as cache, litert_lm.Engine(BUNDLE, cache_dir=
 )
 
 
+@functools.cache
 def engine_defects() -> tuple[ExpectedFailure, ...]:
     """The engine's known defects, declared at every bundle stage, while the installed litert-lm-api is the
     release they were measured on: another release must show them again, or lose them, on its own."""
@@ -158,6 +160,12 @@ def turn_end_id(tokenizer) -> int | None:
     return after[0] if after and after[0] in tokenizer.all_special_ids + list(tokenizer.added_tokens_decoder) else None
 
 
+def with_turn_end(stops: list[int], tokenizer) -> list[int]:
+    """Stop ids, then the chat template's turn end if it is not among them."""
+    turn_end = turn_end_id(tokenizer)
+    return stops + ([turn_end] if turn_end is not None and turn_end not in stops else [])
+
+
 def hf_settings(pair: ModelPair, checkpoint: Path) -> BundleSettings:
     """Start and stop ids from the checkpoint's generation config (else its model config) with the chat
     template's turn end, the context length the flatbuffer was exported with, and HF's chat template."""
@@ -168,10 +176,8 @@ def hf_settings(pair: ModelPair, checkpoint: Path) -> BundleSettings:
         raise HarnessError(f"pair {pair.name!r}: the checkpoint's config names no eos_token_id; a bundle needs a "
                            "stop token (set eos_token_id in hf_config)")
     eos = source["eos_token_id"]
-    stops = [int(s) for s in (eos if isinstance(eos, list) else [eos])]
     tokenizer = hf_tokenizer(pair, checkpoint)
-    turn_end = turn_end_id(tokenizer)
-    stops += [turn_end] if turn_end is not None and turn_end not in stops else []
+    stops = with_turn_end([int(s) for s in (eos if isinstance(eos, list) else [eos])], tokenizer)
     start = source.get("bos_token_id")  # None for a model with no start token (Qwen): the engine adds none
     return BundleSettings(None if start is None else int(start), tuple(stops), pair.export.kv_cache_max,
                           getattr(tokenizer, "chat_template", None))
@@ -262,8 +268,7 @@ def hf_expected_metadata(pair: ModelPair, checkpoint: Path, tokenizer) -> dict[s
 
     config = GenerationConfig.from_pretrained(checkpoint)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    turn_end = turn_end_id(tokenizer)
-    stops = [int(e) for e in eos] + ([turn_end] if turn_end is not None and turn_end not in eos else [])
+    stops = with_turn_end([int(e) for e in eos], tokenizer)
     return {"start_token_id": config.bos_token_id, "stop_token_ids": [[s] for s in stops],
             "context_length": pair.export.kv_cache_max}
 
@@ -339,7 +344,7 @@ def with_start(start: int | None, ids: list[int]) -> list[int]:
 
 def reference_scores(reference, tokenizer, start: int | None, context: str, target: str) -> dict[str, list[float]]:
     """The reference's log-probability of each target token after the start token and context, and after the
-    context with its second-to-last token dropped (what the engine scores against, models/_defects.py)."""
+    context with its second-to-last token dropped (what the engine scores against: ENGINE_SCORES_WITHOUT_SECOND_TO_LAST_TOKEN)."""
     ctx = with_start(start, tokenizer.encode(context, add_special_tokens=False))
     tgt = tokenizer.encode(target, add_special_tokens=False)
 

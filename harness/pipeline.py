@@ -251,8 +251,8 @@ def run_quantized(state: RunState, recipe: str) -> list[CheckResult]:
 def run_litertlm(state: RunState, recipe: str | None = None) -> list[CheckResult]:
     """A flatbuffer (transposed KV layout), float or quantized by `recipe`, bundled with the pair's tokenizer
     and HF's start/stop ids and chat template, run by the LiteRT-LM engine: its tokenizer, metadata, prompt
-    template, greedy text and text scores. The float bundle is held to HF; a quantized one to the interpreter on the same flatbuffer, so a
-    difference is the engine's, not the recipe's (quant_accuracy judges the recipe)."""
+    template, greedy text and text scores. The float bundle is held to HF; a quantized one to the interpreter
+    on the same flatbuffer, so a difference is the engine's, not the recipe's (quant_accuracy judges it)."""
     import tempfile
 
     from harness import bundle
@@ -340,16 +340,20 @@ def recipe_stage(recipe: str) -> StageSpec:
 
 # ---------------------------------------------------------------- planning and running
 
+def asked_recipes(pair: ModelPair, options: RunOptions) -> tuple[str, ...]:
+    """The quant recipes a run of `pair` asks for: --quant's, or the pair's defaults."""
+    return pair.default_quant if options.quant is None else options.quant
+
+
 def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
-    """The quant recipes a run of `pair` converts: the asked ones (or the pair's defaults) whose stage is wanted."""
-    return [r for r in (pair.default_quant if options.quant is None else options.quant)
-            if options.config.wants(stages.tflite_stage(r))]
+    """The quant recipes a run of `pair` converts: the asked ones whose stage is wanted."""
+    return [r for r in asked_recipes(pair, options) if options.config.wants(stages.tflite_stage(r))]
 
 
 def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
     """The stages a run of `pair` goes through, in order: hf and reauthored always, every wanted stage and
     what it needs (a recipe brings tflite_float, stablehlo brings exported)."""
-    recipes = [r for r in (pair.default_quant if options.quant is None else options.quant) if r in pair.quant_recipes]
+    recipes = [r for r in asked_recipes(pair, options) if r in pair.quant_recipes]
     specs = {spec.name: spec for spec in (*STAGES, *map(recipe_stage, recipes), *map(litertlm_recipe_stage, recipes))}
 
     def wanted(spec: StageSpec) -> bool:

@@ -87,13 +87,14 @@ GATED_METRICS = {
     PROMPT_TEMPLATE: ("mismatches",),
     # score_err: the worst |summed log-probability| difference (nats) of a target over its context; token_err:
     # the worst per token; dropped_token_context_err: score_err against the context with its second-to-last
-    # token dropped (what litert-lm-api 0.18.1 scores against, models/_defects.py); token_count_mismatches:
+    # token dropped (what litert-lm-api 0.18.1 scores against, harness/bundle.py); token_count_mismatches:
     # targets the engine split into a different number of tokens.
     SCORE: ("score_err", "token_err", "dropped_token_context_err", "token_count_mismatches"),
     "decode_tokens_per_s": ("slowdown",),
     "prefill_tokens_per_s": ("slowdown",),
 }
 _QUANTIZED_CHECKS = (QUANT_ACCURACY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT)
+_BUNDLE_CHECKS = (TOKENIZER, METADATA, PROMPT_TEMPLATE, GREEDY_TEXT, SCORE)
 CHECKS_AT = {
     HF: (SENSITIVITY, GOLDEN, PERPLEXITY),
     REAUTHORED: (WEIGHT_COVERAGE, LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, DIVERGENCE),
@@ -102,7 +103,6 @@ CHECKS_AT = {
     TFLITE_FLOAT: (LOGITS, GREEDY, GOLDEN, PREFILL_DECODE, KV_CACHE, PERPLEXITY, GREEDY_TEXT, DIVERGENCE),
     QUANTIZED_FALLBACK: _QUANTIZED_CHECKS,
     **{tflite_stage(r): _QUANTIZED_CHECKS for r in QUANT_RECIPES},
-    LITERTLM: (TOKENIZER, METADATA, PROMPT_TEMPLATE, GREEDY_TEXT, SCORE),
-    **{litertlm_stage(r): (TOKENIZER, METADATA, PROMPT_TEMPLATE, GREEDY_TEXT, SCORE) for r in QUANT_RECIPES},
+    **{litertlm_stage(r): _BUNDLE_CHECKS for r in (None, *QUANT_RECIPES)},
     BENCH: ("decode_tokens_per_s", "prefill_tokens_per_s"),
 }
