@@ -158,8 +158,13 @@ def cmd_list(args) -> int:
                                   "declared upstream defects"]))
     print()
     print("stages:", ", ".join(stages.FLOAT_STAGES), "+ tflite_<recipe> per quant recipe",
-          f"+ {stages.LITERTLM} and {stages.LITERTLM_PREFIX}<recipe> (bundles in the LiteRT-LM engine, only when "
-          "named in --stages)")
+          f"+ {stages.LITERTLM} and {stages.LITERTLM_PREFIX}<recipe> (bundles in the LiteRT-LM engine)")
+    for p in pairs.values():
+        by_reason: dict[str, list[str]] = {}
+        for stage, reason in p.opt_in_stages:
+            by_reason.setdefault(reason, []).append(stage)
+        for reason, named in by_reason.items():
+            print(f"{p.name} runs {', '.join(named)} only when named in --stages: {reason}")
     from harness.bundle import engine_defects
 
     for defect in {d.name: d for d in engine_defects()}.values():

@@ -81,8 +81,7 @@ class RunConfig:
         if unknown:
             raise HarnessError(f"unknown quant recipe(s) {', '.join(unknown)}; choose from "
                                f"{', '.join(stages.QUANT_RECIPES)}, 'all' or 'none'")
-        known = set(stages.FLOAT_STAGES) | {stages.tflite_stage(r) for r in stages.QUANT_RECIPES} | {
-            stages.litertlm_stage(r) for r in (None, *stages.QUANT_RECIPES)}
+        known = stages.known_stages()
         unknown = [st for st in self.stages or () if st not in known]
         if unknown:
             raise HarnessError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
@@ -198,8 +197,8 @@ def threads_group(parser: argparse.ArgumentParser, default: str = "2") -> None:
 
 def stages_group(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=_names, default=None,
-                        help="comma list of stages to run (default: all but the bundles run by the LiteRT-LM engine, "
-                             "litertlm and litertlm_<recipe>, which run only when named; hf and reauthored always run)")
+                        help="comma list of stages to run (default: all, but for those a pair runs only when named, its "
+                             "opt_in_stages, each reported as a skip with the reason; hf and reauthored always run)")
 
 
 def golden_group(parser: argparse.ArgumentParser, release: bool = True) -> None:

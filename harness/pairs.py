@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from harness.errors import HarnessError
 from harness.paths import scrub
-from harness.stages import CHECKS_AT, DEFAULT_QUANT, GATED_METRICS, QUANT_RECIPES
+from harness.stages import CHECKS_AT, DEFAULT_QUANT, GATED_METRICS, QUANT_RECIPES, known_stages
 
 DEFAULT_SUITE, FULL_SUITE = "default", "full"  # the tiny pairs; those and the real model
 SUITES = (DEFAULT_SUITE, FULL_SUITE)
@@ -122,6 +122,10 @@ class ModelPair:
     extra_checks: tuple[Any, ...] = ()
     # Extra checks this pair opts out of, by name, each with the reason the report shows.
     skipped_checks: tuple[tuple[str, str], ...] = ()
+    # Stages this pair runs only when named (--stages), each with the reason a default run reports as a skip:
+    # a stage it cannot pass for a reason outside the re-authoring (no stop token to bundle), or one too costly
+    # for every run (the real model's bundle).
+    opt_in_stages: tuple[tuple[str, str], ...] = ()
     suites: tuple[str, ...] = SUITES
     # Known upstream defects, each bounded to one stage, one check and a band of its metrics.
     expected_failures: tuple[ExpectedFailure, ...] = ()
@@ -134,6 +138,10 @@ class ModelPair:
             if problems:
                 raise HarnessError(f"model pair {self.name!r}: expected failure {defect.name!r}: "
                                    f"{'; '.join(problems)}")
+        unknown_stages = [name for name, _ in self.opt_in_stages if name not in known_stages()]
+        if unknown_stages:
+            raise HarnessError(f"model pair {self.name!r}: opt_in_stages names unknown stage(s) "
+                               f"{', '.join(unknown_stages)}; known: {', '.join(known_stages())}")
         unknown = set(self.quant_recipes) - set(QUANT_RECIPES)
         if unknown:
             raise HarnessError(

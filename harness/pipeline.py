@@ -121,7 +121,6 @@ class StageSpec:
     parent: str | None
     needs: tuple[str, ...]
     run: Callable[[RunState], list[CheckResult]]
-    opt_in: bool = False  # runs only when named (--stages): the bundle stages, until their cost is budgeted
 
 
 # ---------------------------------------------------------------- the stages
@@ -323,14 +322,14 @@ STAGES = (
     StageSpec(stages.EXPORTED, stages.REAUTHORED, (stages.REAUTHORED,), run_exported),
     StageSpec(stages.STABLEHLO, stages.EXPORTED, (stages.EXPORTED,), run_stablehlo),
     StageSpec(stages.TFLITE_FLOAT, stages.REAUTHORED, (stages.REAUTHORED,), run_tflite_float),
-    StageSpec(stages.LITERTLM, stages.HF, (stages.HF, stages.REAUTHORED), run_litertlm, opt_in=True),
+    StageSpec(stages.LITERTLM, stages.HF, (stages.HF, stages.REAUTHORED), run_litertlm),
 )
 
 
 def litertlm_recipe_stage(recipe: str) -> StageSpec:
     """The bundle of a quantized flatbuffer, held to the interpreter on that flatbuffer."""
     return StageSpec(stages.litertlm_stage(recipe), stages.tflite_stage(recipe), (stages.tflite_stage(recipe),),
-                     functools.partial(run_litertlm, recipe=recipe), opt_in=True)
+                     functools.partial(run_litertlm, recipe=recipe))
 
 
 def recipe_stage(recipe: str) -> StageSpec:
@@ -350,15 +349,27 @@ def planned_recipes(pair: ModelPair, options: RunOptions) -> list[str]:
     return [r for r in asked_recipes(pair, options) if options.config.wants(stages.tflite_stage(r))]
 
 
+def stage_specs(pair: ModelPair, options: RunOptions) -> dict[str, StageSpec]:
+    """Every stage a run of `pair` could go through, by name, in order: the float stages, then a tflite and a
+    litertlm stage per asked recipe the pair has."""
+    recipes = [r for r in asked_recipes(pair, options) if r in pair.quant_recipes]
+    return {spec.name: spec for spec in (*STAGES, *map(recipe_stage, recipes), *map(litertlm_recipe_stage, recipes))}
+
+
+def left_to_ask(pair: ModelPair, options: RunOptions) -> dict[str, str]:
+    """The pair's opt_in_stages a run leaves out, with the reasons: all of them when --stages is not given."""
+    return {} if options.stages is not None else dict(pair.opt_in_stages)
+
+
 def planned_stages(pair: ModelPair, options: RunOptions) -> list[StageSpec]:
     """The stages a run of `pair` goes through, in order: hf and reauthored always, every wanted stage and
-    what it needs (a recipe brings tflite_float, stablehlo brings exported)."""
-    recipes = [r for r in asked_recipes(pair, options) if r in pair.quant_recipes]
-    specs = {spec.name: spec for spec in (*STAGES, *map(recipe_stage, recipes), *map(litertlm_recipe_stage, recipes))}
+    what it needs (a recipe brings tflite_float, stablehlo brings exported); a pair's opt_in_stages only
+    when --stages names them."""
+    specs, unasked = stage_specs(pair, options), left_to_ask(pair, options)
 
     def wanted(spec: StageSpec) -> bool:
         return spec.name in (stages.HF, stages.REAUTHORED) or (
-            options.config.wants(spec.name) and (not spec.opt_in or spec.name in (options.stages or ())))
+            options.config.wants(spec.name) and spec.name not in unasked)
 
     plan: dict[str, StageSpec] = {}
 
@@ -446,7 +457,12 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
         plan = planned_stages(pair, options)
         for spec in plan:
             _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
-        report.results += unplanned_records(pair, options, {spec.name for spec in plan})
+        planned = {spec.name for spec in plan}
+        report.results += unplanned_records(pair, options, planned)
+        unasked = left_to_ask(pair, options)
+        report.results += [CheckResult(pair.name, name, stages.STAGE_RUN, SKIP,
+                                       message=f"runs only when named (--stages {name}): {unasked[name]}")
+                           for name in stage_specs(pair, options) if name in unasked and name not in planned]
         if any(localisable(r.stage) for r in report.results if r.status == FAIL):  # say where a failure begins
             _run_step(report, state, stages.DIVERGENCE, (), functools.partial(localise_failures, state, report.results),
                       progress)

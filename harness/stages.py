@@ -6,7 +6,7 @@ EXPORTED = "exported"
 STABLEHLO = "stablehlo"
 TFLITE_FLOAT = "tflite_float"
 TFLITE_PREFIX = "tflite_"
-LITERTLM = "litertlm"  # the float flatbuffer bundled with its tokenizer, run by the LiteRT-LM engine (opt-in)
+LITERTLM = "litertlm"  # the float flatbuffer bundled with its tokenizer, run by the LiteRT-LM engine
 LITERTLM_PREFIX = "litertlm_"  # litertlm_<recipe>: a quantized flatbuffer's bundle
 
 FLOAT_STAGES = (HF, REAUTHORED, EXPORTED, STABLEHLO, TFLITE_FLOAT)
@@ -43,6 +43,16 @@ def tflite_stage(recipe: str) -> str:
 def litertlm_stage(recipe: str | None) -> str:
     """Stage name of a bundle: litertlm for the float flatbuffer's, litertlm_<recipe> for a quantized one's."""
     return LITERTLM if recipe is None else f"{LITERTLM_PREFIX}{recipe}"
+
+
+def bundle_stages() -> tuple[str, ...]:
+    """Every bundle stage: litertlm and litertlm_<recipe> of every recipe."""
+    return tuple(litertlm_stage(r) for r in (None, *QUANT_RECIPES))
+
+
+def known_stages() -> tuple[str, ...]:
+    """Every stage name a run may plan, in pipeline order."""
+    return (*FLOAT_STAGES, *(tflite_stage(r) for r in QUANT_RECIPES), *bundle_stages())
 
 
 def is_quantized(stage: str) -> bool:

@@ -1,6 +1,7 @@
 """Qwen 2.5 architecture: QKV bias, GQA, RMSNorm, gated SiLU MLP, tied embeddings (0.5B-3B)."""
 
 from harness.pairs import ExportSettings, ModelPair
+from harness.stages import bundle_stages
 from harness.reauthor import TINY_DECODER, decoder_builder, shrink_config
 
 HF_CONFIG = dict(
@@ -30,4 +31,9 @@ PAIR = ModelPair(
     hf_config=HF_CONFIG,
     reauthored=decoder_builder(reauthored_config, f"{EXAMPLE}:TENSOR_NAMES", f"{EXAMPLE}:Qwen"),
     export=ExportSettings(prefill_lens=(8, 16), kv_cache_max=64),
+    # Qwen's configs name no eos_token_id, and a bundle needs a stop token. Giving it one (measured with
+    # eos_token_id=2: every bundle check passed) changes hf_config, and so its goldens' reference key, which
+    # must then be re-recorded and checked on a second host.
+    opt_in_stages=tuple((stage, "the config names no eos_token_id, so there is no stop token to bundle")
+                        for stage in bundle_stages()),
 )

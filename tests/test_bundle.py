@@ -24,13 +24,6 @@ def clean(tiny_llama, options):
     return _bundle_results(tiny_llama, options)
 
 
-def test_the_bundle_stage_runs_only_when_named(tiny_llama, options):
-    from harness.pipeline import planned_stages
-
-    assert stages.LITERTLM not in [s.name for s in planned_stages(tiny_llama, options)]
-    assert stages.LITERTLM in [s.name for s in planned_stages(tiny_llama, options.derive(stages=(stages.LITERTLM,)))]
-
-
 def test_clean_bundle_matches_hf_in_the_engine(clean, tiny_llama):
     assert {c: r.status for c, r in clean.items()} == {
         stages.TOKENIZER: PASS, stages.METADATA: PASS, stages.PROMPT_TEMPLATE: SKIP, stages.GREEDY_TEXT: PASS,

@@ -10,6 +10,7 @@ import pytest
 
 from harness import cli, golden
 from harness.config import RunConfig
+from tests.test_pipeline import ALL_STAGES, CLEAN_NOT_PASSED
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKEN = ROOT / "tests" / "fixtures" / "broken_models"
@@ -31,9 +32,8 @@ def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report
     proc = harness("verify", "--models", "tiny_llama", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found, data = statuses(tmp_path)
-    assert {stage for (_, stage, _) in found} >= {"hf", "reauthored", "exported", "stablehlo", "tflite_float",
-                                                 "tflite_dynamic_int8"}
-    assert set(found.values()) == {"pass"}
+    assert {stage for (_, stage, _) in found} == ALL_STAGES  # the bundle stages included, by default
+    assert {(stage, check): status for (_, stage, check), status in found.items() if status != "pass"} == CLEAN_NOT_PASSED
     assert data["models"]["tiny_llama"]["notes"]["cache"]["misses"] == 0
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# edge-parity: PASS") and "| tflite_float" in summary

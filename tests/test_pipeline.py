@@ -7,11 +7,17 @@ import pytest
 import torch
 
 from harness import stages
+from harness.errors import HarnessError
 from harness.pipeline import verify_pair
 from harness.records import ERROR, FAIL, PASS, SKIP, XFAIL
 from tests import variants
 
-ALL_STAGES = {"hf", "reauthored", "exported", "stablehlo", "tflite_float", "tflite_dynamic_int8"}
+ALL_STAGES = {"hf", "reauthored", "exported", "stablehlo", "tflite_float", "tflite_dynamic_int8", "litertlm",
+              "litertlm_dynamic_int8"}
+# What a clean tiny pair does not pass, and why: its word tokenizer has no chat template, and the engine's
+# declared scoring defect (harness/bundle.py) makes each bundle's score an xfail.
+CLEAN_NOT_PASSED = {(bundle, check): status for bundle in ("litertlm", "litertlm_dynamic_int8")
+                    for check, status in (("prompt_template", SKIP), ("score", XFAIL))}
 
 
 def by_stage(report):
@@ -24,8 +30,8 @@ def by_stage(report):
 def test_clean_pair_passes_every_stage(tiny_llama_report):
     results = by_stage(tiny_llama_report)
     assert set(results) == ALL_STAGES
-    failed = [(r.stage, r.check, r.message) for r in tiny_llama_report.results if r.status != PASS]
-    assert not failed
+    not_passed = {(r.stage, r.check): r.status for r in tiny_llama_report.results if r.status != PASS}
+    assert not_passed == CLEAN_NOT_PASSED
     for stage in ("reauthored", "exported", "stablehlo", "tflite_float"):
         assert results[stage]["logits"].metrics["max_abs_err"] < 1e-4
         assert results[stage]["greedy"].metrics["match"] == 1.0
@@ -263,18 +269,36 @@ def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, t
 def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):
     from harness.pipeline import STAGES, litertlm_recipe_stage, planned_stages, recipe_stage
 
-    assert [s.name for s in STAGES if not s.opt_in] == list(stages.FLOAT_STAGES)
-    assert [s.name for s in STAGES if s.opt_in] == [stages.LITERTLM]
+    assert [s.name for s in STAGES] == [*stages.FLOAT_STAGES, stages.LITERTLM]
     assert all(s.name in stages.CHECKS_AT and (s.parent is None or s.parent in s.needs) for s in STAGES)
     spec = recipe_stage("fp16")
     assert (spec.name, spec.parent, spec.needs) == ("tflite_fp16", stages.TFLITE_FLOAT, (stages.TFLITE_FLOAT,))
     spec = litertlm_recipe_stage("fp16")
-    assert (spec.name, spec.parent, spec.needs, spec.opt_in) == ("litertlm_fp16", "tflite_fp16", ("tflite_fp16",), True)
+    assert (spec.name, spec.parent, spec.needs) == ("litertlm_fp16", "tflite_fp16", ("tflite_fp16",))
     assert spec.name in stages.CHECKS_AT
     plan = planned_stages(tiny_llama, options.derive(stages=(stages.STABLEHLO,), quant=()))
     assert [s.name for s in plan] == ["hf", "reauthored", "exported", "stablehlo"]
     plan = planned_stages(tiny_llama, options.derive(stages=("tflite_fp16",), quant=("fp16",)))
     assert [s.name for s in plan] == ["hf", "reauthored", "tflite_float", "tflite_fp16"]
+
+
+def test_the_bundle_stages_run_by_default_but_where_a_pair_opts_them_out_with_its_reason(pairs, tiny_llama, options):
+    from harness.pipeline import left_to_ask, planned_stages
+
+    assert [s.name for s in planned_stages(tiny_llama, options)] == [
+        *stages.FLOAT_STAGES, stages.LITERTLM, "tflite_dynamic_int8", "litertlm_dynamic_int8"]
+    qwen = pairs["qwen3"]
+    assert [s.name for s in planned_stages(qwen, options)] == [*stages.FLOAT_STAGES, "tflite_dynamic_int8"]
+    assert set(left_to_ask(qwen, options)) == set(stages.bundle_stages())
+    assert "eos_token_id" in left_to_ask(qwen, options)[stages.LITERTLM]
+    named = options.derive(stages=(stages.LITERTLM,))  # named, it runs (and says why it cannot pass)
+    assert [s.name for s in planned_stages(qwen, named)] == ["hf", "reauthored", stages.LITERTLM]
+    assert left_to_ask(qwen, named) == {}
+
+
+def test_a_pair_that_opts_out_a_stage_with_no_such_name_is_an_error(tiny_llama):
+    with pytest.raises(HarnessError, match="opt_in_stages names unknown stage.*litertlm_int3"):
+        dataclasses.replace(tiny_llama, opt_in_stages=(("litertlm_int3", "misspelt"),))
 
 
 def test_a_named_recipe_stage_this_run_does_not_convert_is_an_error_not_a_pass(tiny_llama, options):
