@@ -202,13 +202,21 @@ def _pair_details(model: str, records: list[dict[str, Any]], info: dict[str, Any
     lines += [line for r in divergences(records).values() for line in (divergence_line(r), "")]
     if info.get("description"):
         lines += [info["description"], ""]
-    lines += [model_table(records), ""]
+    # An xfail's message carries its defect's reason, said once below the table: the row keeps the measurement.
+    reasons = {d["name"]: d["reason"] for d in info.get("expected_failures", [])}
+    lines += [model_table([{**r, "message": r["message"].replace(reasons[r["defect"]], "reason below")}
+                           if r.get("defect") in reasons else r for r in records]), ""]
+    # One defect declared at several stages (the engine's, at every bundle stage) is said once, with its stages.
+    declared: dict[tuple, list[str]] = {}
     for defect in info.get("expected_failures", []):
         band = ", ".join(f"{m} in [{lo:.3g}, {hi:.3g}]" for m, (lo, hi) in defect["band"].items())
-        lines += [f"Declared upstream defect {defect['name']} at {defect['stage']} {defect['check']} "
-                  f"(excused only within {band}): {defect['reason']}", ""]
-        if defect.get("reproduction"):
-            lines += ["Minimal reproduction:", "", "```python", defect["reproduction"].strip(), "```", ""]
+        what = (defect["name"], defect["check"], band, defect["reason"], defect.get("reproduction") or "")
+        declared.setdefault(what, []).append(defect["stage"])
+    for (name, check, band, reason, reproduction), at in declared.items():
+        lines += [f"Declared upstream defect {name} at {', '.join(at)} {check} (excused only within {band}): "
+                  f"{reason}", ""]
+        if reproduction:
+            lines += ["Minimal reproduction:", "", "```python", reproduction.strip(), "```", ""]
     if timings:
         lines += ["Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
     for key, value in info.get("notes", {}).items():

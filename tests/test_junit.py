@@ -43,4 +43,6 @@ def test_the_sample_run_renders_every_record():
     sample = json.loads((ROOT / "reports" / "sample" / "parity.json").read_text())
     root = ET.fromstring(junit.render_junit(sample))
     assert len(list(root.iter("testcase"))) == len(sample["results"])
-    assert not list(root.iter("failure")) and len(list(root.iter("skipped"))) == 4  # the declared defects
+    # Not passed and not failed: the declared defects' xfails and the skips (each with its reason).
+    not_judged = [r for r in sample["results"] if r["status"] in ("xfail", "skip")]
+    assert not list(root.iter("failure")) and len(list(root.iter("skipped"))) == len(not_judged) > 0

@@ -24,22 +24,24 @@ def test_the_full_default_suite_fits_a_comment_and_a_planted_failure_shows_in_15
     text = summary.render_summary(planted(SAMPLE))
     assert len(text) < summary.COMMENT_LIMIT
     head = text.splitlines()[:15]
-    assert head[0] == "# edge-parity: FAIL (229 pass, 1 fail, 4 xfail)"
+    assert head[0] == "# edge-parity: FAIL (277 pass, 1 fail, 20 skip, 20 xfail)"
     row = next(line for line in head if line.startswith("| **qwen3**"))
     assert "**FAIL** logits max_abs_err 0.5 (≤0.0001)" in row
     assert head.index(row) == min(i for i, line in enumerate(head) if line.startswith("| ") and "---" not in line
                                   and not line.startswith("| pair"))  # failing pairs lead the matrix
     failures = text.index("## Failures")
     assert "max_abs_err=0.5 > 0.0001 (worst at prompt 1 position 3)" in text[failures:text.index("## Pairs")]
-    assert text.count("<details>") == len(SAMPLE["models"]) and text.count("</details>") == text.count("<details>")
+    # The failing pair's table first, then as many as fit (5 of the 10 with the bundle stages); the rest are named.
+    kept = text.count("<details>")
+    assert text.index("<details>") == text.index("<details><summary>qwen3") and text.count("</details>") == kept
+    assert kept == len(SAMPLE["models"]) or "left out to fit a PR comment" in text
 
 
 def test_details_give_way_to_the_budget_and_the_failures_never_do():
     text = summary.render_summary(planted(SAMPLE), budget=20_000)
     assert len(text) <= 20_000
     assert 0 < text.count("<details>") < len(SAMPLE["models"])
-    assert text.index("<details><summary>qwen3") < text.index("<details>", text.index("<details>") + 1) or \
-        text.count("<details>") == 1  # the failing pair's table is the first kept
+    assert text.index("<details>") == text.index("<details><summary>qwen3")  # the failing pair's table comes first
     assert "left out to fit a PR comment" in text and "parity.json" in text
     doc = planted(SAMPLE)
     for r in doc["results"]:
@@ -84,3 +86,14 @@ def test_skipped_pairs_and_shards_are_said():
 def test_sample_size_before_and_after():
     """The issue measured 86,807 characters for this suite's old summary; the comment form is well under the limit."""
     assert len(summary.render_summary(SAMPLE)) < 60_000
+
+
+def test_a_defect_declared_at_several_stages_is_told_once_per_pair_with_its_stages():
+    text = summary.render_summary(SAMPLE, budget=10**7)
+    details = text[text.index("<details><summary>tiny_llama"):]
+    details = details[:details.index("</details>")]
+    (defect,) = SAMPLE["models"]["tiny_llama"]["expected_failures"][:1]
+    assert details.count(defect["reason"]) == 1 and details.count("Minimal reproduction:") == 1
+    assert f"{defect['name']} at litertlm, litertlm_dynamic_int8 score" in details
+    rows = [line for line in details.splitlines() if line.startswith("| litertlm") and "| score |" in line]
+    assert len(rows) == 2 and all("XFAIL" in row and "reason below" in row for row in rows)
