@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: torch's default of a thread per core each oversubscribes them (measured: the
+    # suite took 681 s so, 347 s with one thread per worker). Set before torch is imported, and inherited by
+    # the harness processes the tests start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from harness import bench, golden, stages
 from harness.cache import ArtifactCache
 from harness.config import RunConfig, default_cache_dir
