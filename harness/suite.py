@@ -49,6 +49,10 @@ def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
     pair = discover(tuple(Path(d) for d in config.models_dirs))[payload["model"]]
     options = RunOptions.open(config, verify_checks(config))
     done = PairReport(pair.name, [], {}, {})
+    if payload.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(payload["torch_threads"])
 
     def tell(model, stage, seconds, produced):
         channel.partial(report_to_json(done))  # saved before it is told: a child stopped after the line keeps it
@@ -98,11 +102,13 @@ def _stopped_report(pair: ModelPair, options: RunOptions, done: PairReport) -> P
         message=f"interrupted during {stage}: this stage and the ones after it did not run")])
 
 
-def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
+def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo,
+                 torch_threads: int | None = None) -> PairReport:
     """One pair in a child process; its progress lines are echoed live, a crash becomes an error record,
     Ctrl-C a PairInterrupted holding what the child finished."""
     try:
-        return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name},
+        return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name,
+                                                          "torch_threads": torch_threads},
                                           on_event=lambda event: echo(event["progress"]), forked=True))
     except child.Interrupted as stop:
         raise PairInterrupted(_stopped_report(pair, options, report_from_json(
@@ -146,7 +152,8 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
         echo(line)
     out = Path(config.out or "reports/latest")
     jobs = min(config.jobs or auto_jobs(pairs), max(len(pairs), 1)) if config.isolate else 1
-    run = run_metadata(jobs=jobs, gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
+    threads = torch_threads(config.jobs or auto_jobs(pairs)) if config.isolate else None
+    run = run_metadata(jobs=jobs, **({"torch_threads": threads} if threads else {}), gates=options.gates.path, quant=list(config.quant) if config.quant is not None else "default",
                        models=[p.name for p in pairs] + unknown,
                        cache=display_path(config.cache_dir) if config.shared_cache else "private to the run (--no-cache)",
                        harness=harness_commit(), gates_sha256=gates_digest(config.gates),
@@ -175,7 +182,8 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
         report.write_reports(out, document_with(RUNNING))
 
     def run_one(pair: ModelPair) -> PairReport:
-        return run_isolated(config, pair, options, echo) if config.isolate else run_in_process(pair, options, echo)
+        return (run_isolated(config, pair, options, echo, threads) if config.isolate
+                else run_in_process(pair, options, echo))
 
     report.write_reports(out, document_with(RUNNING))
     # A private cache (--no-cache) is removed with the run; isolated pairs fork from one server that
@@ -198,6 +206,14 @@ def auto_jobs(pairs: list[ModelPair]) -> int:
     if any(DEFAULT_SUITE not in p.suites for p in pairs):
         return 1
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def torch_threads(jobs: int) -> int:
+    """torch's threads in each pair's child: the cores shared by the pairs the run may hold at once (-j, not how
+    many it selected, so one pair's records do not depend on the company it runs in). Two pairs at two threads
+    each on two cores oversubscribe them: the default suite warm took 111 s so and 58 s at one thread each, back
+    to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums)."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def run_in_turn(pairs: list[ModelPair], run_one: Callable[[ModelPair], PairReport],
