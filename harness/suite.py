@@ -49,17 +49,17 @@ def verify_pair_job(payload: dict, channel: child.Channel) -> dict:
     pair = discover(tuple(Path(d) for d in config.models_dirs))[payload["model"]]
     options = RunOptions.open(config, verify_checks(config))
     done = PairReport(pair.name, [], {}, {})
-    if payload.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(payload["torch_threads"])
 
     def tell(model, stage, seconds, produced):
         channel.partial(report_to_json(done))  # saved before it is told: a child stopped after the line keeps it
         channel.event(progress=format_progress(model, stage, seconds, produced))
 
     with options.cache:
-        return report_to_json(verify_pair(pair, options, collecting(done, tell)))
+        verified = verify_pair(pair, options, collecting(done, tell))
+    import torch
+
+    verified.notes["torch_threads"] = torch.get_num_threads()  # what the child ran with (children_threads)
+    return report_to_json(verified)
 
 
 def collecting(done: PairReport, tell: Progress) -> Progress:
@@ -102,13 +102,11 @@ def _stopped_report(pair: ModelPair, options: RunOptions, done: PairReport) -> P
         message=f"interrupted during {stage}: this stage and the ones after it did not run")])
 
 
-def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo,
-                 torch_threads: int | None = None) -> PairReport:
+def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: Echo) -> PairReport:
     """One pair in a child process; its progress lines are echoed live, a crash becomes an error record,
     Ctrl-C a PairInterrupted holding what the child finished."""
     try:
-        return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name,
-                                                          "torch_threads": torch_threads},
+        return report_from_json(child.run("verify_pair", {"config": config.to_json(), "model": pair.name},
                                           on_event=lambda event: echo(event["progress"]), forked=True))
     except child.Interrupted as stop:
         raise PairInterrupted(_stopped_report(pair, options, report_from_json(
@@ -182,13 +180,13 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
         report.write_reports(out, document_with(RUNNING))
 
     def run_one(pair: ModelPair) -> PairReport:
-        return (run_isolated(config, pair, options, echo, threads) if config.isolate
-                else run_in_process(pair, options, echo))
+        return run_isolated(config, pair, options, echo) if config.isolate else run_in_process(pair, options, echo)
 
     report.write_reports(out, document_with(RUNNING))
     # A private cache (--no-cache) is removed with the run; isolated pairs fork from one server that
     # imported the libraries once.
-    with options.cache, (child.forking() if config.isolate and len(pairs) > 1 else contextlib.nullcontext()):
+    with options.cache, (children_threads(threads) if threads else contextlib.nullcontext()), (
+            child.forking() if config.isolate and len(pairs) > 1 else contextlib.nullcontext()):
         stopped = (run_in_turn if jobs == 1 else functools.partial(run_side_by_side, jobs=jobs))(pairs, run_one, finish)
     if stopped:
         document = document_with(INTERRUPTED)
@@ -214,6 +212,21 @@ def torch_threads(jobs: int) -> int:
     each on two cores oversubscribe them: the default suite warm took 111 s so and 58 s at one thread each, back
     to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums)."""
     return max(1, (os.cpu_count() or 1) // jobs)
+
+
+@contextlib.contextmanager
+def children_threads(threads: int):
+    """OMP_NUM_THREADS for the children started inside (the fork server imports torch under it): set before
+    torch starts, not by torch.set_num_threads in a forked child, where a Ctrl-C then sometimes ended in SIGSEGV."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def run_in_turn(pairs: list[ModelPair], run_one: Callable[[ModelPair], PairReport],

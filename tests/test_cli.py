@@ -43,6 +43,7 @@ def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report
     from harness.suite import torch_threads
 
     assert data["run"]["jobs"] == 1 and data["run"]["torch_threads"] == torch_threads(2)  # -j's default, not 1 pair's
+    assert data["models"]["tiny_llama"]["notes"]["torch_threads"] == data["run"]["torch_threads"]  # as the child ran
     artifacts = data["models"]["tiny_llama"]["notes"]["artifacts"]
     assert {"checkpoint", "tflite_float", "tflite_dynamic_int8"} <= set(artifacts)
     assert all(len(artifacts[s]["sha256"]) == 64 for s in ("tflite_float", "tflite_dynamic_int8"))
