@@ -210,7 +210,11 @@ def torch_threads(jobs: int) -> int:
     """torch's threads in each pair's child: the cores shared by the pairs the run may hold at once (-j, not how
     many it selected, so one pair's records do not depend on the company it runs in). Two pairs at two threads
     each on two cores oversubscribe them: the default suite warm took 111 s so and 58 s at one thread each, back
-    to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums)."""
+    to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums).
+    An OMP_NUM_THREADS already set wins."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:  # set by the user (or the test workers): theirs
+        return int(given)
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
