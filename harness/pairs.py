@@ -138,10 +138,11 @@ class ModelPair:
             if problems:
                 raise HarnessError(f"model pair {self.name!r}: expected failure {defect.name!r}: "
                                    f"{'; '.join(problems)}")
-        unknown_stages = [name for name, _ in self.opt_in_stages if name not in known_stages()]
+        known = known_stages()
+        unknown_stages = [name for name, _ in self.opt_in_stages if name not in known]
         if unknown_stages:
             raise HarnessError(f"model pair {self.name!r}: opt_in_stages names unknown stage(s) "
-                               f"{', '.join(unknown_stages)}; known: {', '.join(known_stages())}")
+                               f"{', '.join(unknown_stages)}; known: {', '.join(known)}")
         unknown = set(self.quant_recipes) - set(QUANT_RECIPES)
         if unknown:
             raise HarnessError(

@@ -209,8 +209,8 @@ def auto_jobs(pairs: list[ModelPair]) -> int:
 def torch_threads(jobs: int) -> int:
     """torch's threads in each pair's child: the cores shared by the pairs the run may hold at once (-j, not how
     many it selected, so one pair's records do not depend on the company it runs in). Two pairs at two threads
-    each on two cores oversubscribe them: the default suite warm took 111 s so and 58 s at one thread each, back
-    to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums).
+    each on two cores oversubscribe them: the default suite warm took 107-111 s that way and 56-62 s at one thread
+    each, back to back (2-core Xeon), with the same verdicts (10 of 318 records moved in their 7th digit: float sums).
     An OMP_NUM_THREADS already set wins."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:  # set by the user (or the test workers): theirs

@@ -10,7 +10,7 @@ import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: torch's default of a thread per core each oversubscribes them (measured: the
-    # suite took 681 s so, 347 s with one thread per worker). Set before torch is imported, and inherited by
+    # suite took 681 s that way, 341-401 s with one thread per worker). Set before torch is imported, and inherited by
     # the harness processes the tests start.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
