@@ -25,7 +25,7 @@ from pathlib import Path
 
 # What every verify job imports: loaded once in the server (a module not here is imported in the child).
 PRELOAD = ("numpy", "torch", "transformers", "tensorflow", "litert_torch",
-           "litert_torch.generative.utilities.converter", "ai_edge_litert.interpreter", "harness.suite",
+           "litert_torch.generative.utilities.converter", "ai_edge_litert.compiled_model", "harness.suite",
            "harness.pipeline", "harness.runners", "harness.lowering", "harness.checkpoint", "harness.properties",
            "harness.golden", "harness.localise")
 _MESSAGE = 1 << 16

@@ -8,13 +8,19 @@ any offset, and `decode`; both refuse positions past the cache before anything r
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
+
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from harness.errors import HarnessError
 from harness.workload import Trajectory
+
+if TYPE_CHECKING:  # torch is imported where a PyTorch stage runs: the flatbuffer runner (and the bench) need none
+    import torch
 
 KVLayers = list[tuple[np.ndarray, np.ndarray]]  # per layer (K, V) in [batch, slot, heads, head_dim]
 
@@ -119,6 +125,7 @@ class _TorchCache:
 
     def kv_from_layers(self, layers: KVLayers):
         """The KVCache holding `layers` (copied)."""
+        import torch
         from litert_torch.generative.layers import kv_cache
 
         return kv_cache.KVCache(tuple(kv_cache.KVCacheEntry(torch.from_numpy(k.copy()), torch.from_numpy(v.copy()),
@@ -138,6 +145,8 @@ class ReauthoredRunner(_TorchCache, Runner):
 
     def call(self, name, tokens, positions, kv):
         """The model's forward; eager mode takes any length, so the signature name is not needed."""
+        import torch
+
         with torch.no_grad():
             out = self.model(
                 torch.as_tensor(tokens, dtype=torch.int32),
@@ -157,6 +166,8 @@ class ExportedRunner(_TorchCache, Runner):
         self.config = config
 
     def call(self, name, tokens, positions, kv):
+        import torch
+
         with torch.no_grad():
             out = self.modules[name](
                 tokens=torch.as_tensor(tokens), input_pos=torch.as_tensor(positions), kv_cache=kv
@@ -168,35 +179,53 @@ _TFLITE_KV = re.compile(r"kv_cache_([kv])_(\d+)$")
 
 
 class TFLiteRunner(Runner):
-    """A multi-signature flatbuffer in ai_edge_litert's interpreter (XNNPack by default on CPU).
+    """A multi-signature flatbuffer in LiteRT's CompiledModel on the CPU (XNNPack), as LiteRT-LM runs it.
 
-    `release()` drops the interpreter and the next call opens it again: XNNPack packs weights
-    per signature, so on the real Gemma 3 270M a float interpreter holds ~5 GiB and a
-    weight_only_int8 one ~9.5 GiB (measured), too much to keep one open per recipe.
+    XNNPack packs each weight into the layout its kernels read. The Interpreter's delegate packed it once
+    per signature, so the real Gemma 3 270M's float interpreter held ~5 GiB and a weight_only_int8 one
+    ~9.5 GiB (measured). Here the packed weights go to an XNNPack weight cache held in memory (":memory:",
+    private to this runner, gone with it), which every signature of the flatbuffer shares.
+    `release()` still drops the model, and the next call opens it again.
     """
+
+    WEIGHT_CACHE = ":memory:"  # XNNPack's in-memory weight cache (a file path would persist it)
 
     def __init__(self, path, prefill_lens, kv_cache_max, num_threads: int = 2):
         super().__init__(prefill_lens, kv_cache_max)
-        self.path, self.num_threads = path, num_threads
-        self.runners = self._open()
-        decode_inputs = self.runners["decode"].get_input_details()
-        self.kv_specs = {k: (tuple(v["shape"]), v["dtype"]) for k, v in decode_inputs.items()
+        self.path, self.num_threads = Path(path), num_threads
+        self.model, self.buffers = self._open(), {}
+        decode_inputs = self.model.get_input_tensor_details("decode")
+        self.kv_specs = {k: (tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in decode_inputs.items()
                          if k.startswith("kv_cache_")}
 
-    def _open(self) -> dict:
-        from ai_edge_litert import interpreter as litert
+    def _open(self):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import CpuOptions, Options
 
-        interpreter = litert.Interpreter(model_path=str(self.path), num_threads=self.num_threads)
-        runners = {name: interpreter.get_signature_runner(name) for name in interpreter.get_signature_list()}
+        options = Options(hardware_accelerators=HardwareAccelerator.CPU,
+                          cpu_options=CpuOptions(num_threads=self.num_threads,
+                                                 xnnpack_weight_cache_path=self.WEIGHT_CACHE))
+        model = CompiledModel.from_file(str(self.path), options=options)
         missing = {f"prefill_{n}" for n in self.prefill_lens} | {"decode"}
-        missing -= set(runners)
+        missing -= set(model.get_signature_list())
         if missing:
             raise HarnessError(f"flatbuffer {self.path} lacks signatures {sorted(missing)}; reconvert it with --no-cache")
-        return runners
+        return model
 
     def release(self) -> None:
-        """Frees the interpreter and its packed weights; the runner reopens it when next called."""
-        self.runners = None
+        """Frees the model and its packed weights; the runner reopens it when next called."""
+        self.model, self.buffers = None, {}
+
+    def _signature(self, name: str):
+        """The signature's input and output buffers, made once per open model, each with its shape and dtype."""
+        if name not in self.buffers:
+            model = self.model
+            self.buffers[name] = tuple(
+                {n: (create(name, n), tuple(d["shape"]), np.dtype(d["dtype"])) for n, d in details(name).items()}
+                for create, details in ((model.create_input_buffer_by_name, model.get_input_tensor_details),
+                                        (model.create_output_buffer_by_name, model.get_output_tensor_details)))
+        return self.buffers[name]
 
     def empty_kv(self):
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.kv_specs.items()}
@@ -215,7 +244,22 @@ class TFLiteRunner(Runner):
                 for name, (_, dtype) in self.kv_specs.items() for m in [_TFLITE_KV.search(name)]}
 
     def call(self, name, tokens, positions, kv):
-        if self.runners is None:
-            self.runners = self._open()
-        out = self.runners[name](tokens=tokens, input_pos=positions, **kv)
+        """One run of signature `name`. Every input is written, each checked against its shape: a buffer
+        keeps what the previous call left in it, so an input left out would run on stale values."""
+        if self.model is None:
+            self.model = self._open()
+        inputs, outputs = self._signature(name)
+        given = {"tokens": tokens, "input_pos": positions, **kv}
+        if set(given) != set(inputs):
+            raise HarnessError(f"signature {name} of {self.path.name} takes inputs {sorted(inputs)}, "
+                               f"not {sorted(given)}")
+        for key, (buffer, shape, dtype) in inputs.items():
+            value = np.asarray(given[key])
+            if value.shape != shape:
+                raise HarnessError(f"input {key} of signature {name} has shape {list(value.shape)}; "
+                                   f"the flatbuffer takes {list(shape)}")
+            buffer.write(np.ascontiguousarray(value, dtype=dtype))
+        self.model.run_by_name(name, {k: b for k, (b, _, _) in inputs.items()},
+                               {k: b for k, (b, _, _) in outputs.items()})
+        out = {k: b.read(math.prod(shape), dtype).reshape(shape) for k, (b, shape, dtype) in outputs.items()}
         return out["logits"][0], {k: out[k] for k in self.kv_specs}

@@ -59,10 +59,10 @@ def test_engine_figures_beside_the_interpreters(engine_perf, tiny_llama):
             e["decode"]["tokens_per_s"] / interpreter["decode"]["tokens_per_s"])
         assert versus["compiled"]["prefill_tokens_per_s"] == pytest.approx(
             e["prefill"]["tokens_per_s"] / interpreter["prefill"][str(prefill)]["tokens_per_s"])
-        assert all(_finite_positive(r) for side in ("compiled", "signature_runner") for r in versus[side].values())
+        assert all(_finite_positive(r) for side in ("compiled", "parity_runner") for r in versus[side].values())
     text = (out / report.PERF_MD).read_text()
     assert "## The bundle in the LiteRT-LM engine" in text
-    for runtime in ("LiteRT-LM engine", "CompiledModel", "signature runner"):
+    for runtime in ("LiteRT-LM engine", "CompiledModel", "parity runner"):
         assert sorted(int(line.split("|")[2]) for line in text.splitlines()
                       if line.startswith("| tiny_llama") and f"| {runtime} " in line) == [1, 2]
 

@@ -8,7 +8,7 @@ from harness.bench.worker import TOKEN, CompiledRunner
 from harness.runners import TFLiteRunner
 
 
-def test_compiled_runner_decodes_like_the_signature_runner(bench_artifacts, tiny_llama):
+def test_compiled_runner_decodes_like_the_parity_runner(bench_artifacts, tiny_llama):
     path, lens = bench_artifacts[0].path, tiny_llama.export.prefill_lens
     compiled = CompiledRunner(str(path), 1)
     compiled.prefill(lens[0])

@@ -160,3 +160,54 @@ def test_every_stage_views_its_cache_in_the_same_layout(runners):
             for kind, got, expected in zip("KV", got_pair, want_pair):
                 np.testing.assert_allclose(got[:, :5], expected[:, :5], atol=ATOL,
                                            err_msg=f"{stage} layer {layer} {kind}")
+
+
+# --- the flatbuffer's runner (CompiledModel) ---------------------------------------------------
+
+def test_the_flatbuffer_runner_computes_what_the_interpreter_computes(runners):
+    """CompiledModel with XNNPack's in-memory weight cache (shared by the signatures) runs the kernels the
+    Interpreter's XNNPack delegate runs: the same logits and caches, bit for bit, so goldens stay valid."""
+    from ai_edge_litert import interpreter as litert
+
+    runner = runners[stages.TFLITE_FLOAT]
+    interpreter = litert.Interpreter(model_path=str(runner.path), num_threads=runner.num_threads)
+    signature = signature_for(5, runner.prefill_lens)
+    tokens = np.zeros((1, signature), np.int32)
+    tokens[0, :5] = TOKENS[:5]
+    positions = np.arange(signature, dtype=np.int32)
+    want = interpreter.get_signature_runner(f"prefill_{signature}")(tokens=tokens, input_pos=positions,
+                                                                      **runner.empty_kv())
+    logits, kv = runner.call(f"prefill_{signature}", tokens, positions, runner.empty_kv())
+    assert np.array_equal(logits, want["logits"][0])
+    want_step = interpreter.get_signature_runner("decode")(tokens=np.array([[TOKENS[5]]], np.int32),
+                                                            input_pos=np.array([5], np.int32),
+                                                            **{k: want[k] for k in kv})
+    step, kv = runner.decode(TOKENS[5], 5, kv)
+    assert np.array_equal(step, want_step["logits"][0, 0])
+    assert all(np.array_equal(kv[k], want_step[k]) for k in kv)
+
+
+def test_the_flatbuffer_runner_returns_arrays_a_later_call_leaves_alone(runners):
+    """Its buffers are reused from call to call; what a call returned must not change with the next one."""
+    runner = runners[stages.TFLITE_FLOAT]
+    logits, kv = runner.prefill_at(TOKENS[:5], 0, runner.empty_kv())
+    kept_logits, kept_kv = logits.copy(), {k: v.copy() for k, v in kv.items()}
+    runner.prefill_at(TOKENS[5:10], 0, runner.empty_kv())
+    runner.decode(TOKENS[5], 5, kv)
+    assert np.array_equal(logits, kept_logits)
+    assert all(np.array_equal(kv[k], kept_kv[k]) for k in kv)
+
+
+def test_the_flatbuffer_runner_refuses_an_input_left_out_or_misshapen(runners, monkeypatch):
+    """A buffer keeps the previous call's values: an input left out would silently run on them."""
+    runner = runners[stages.TFLITE_FLOAT]
+    kv = runner.empty_kv()
+    first = sorted(kv)[0]
+    runner.decode(3, 0, kv)  # opens the model if a stage released it
+    ran = []
+    monkeypatch.setattr(runner.model, "run_by_name", lambda *args: ran.append(args))
+    with pytest.raises(HarnessError, match=f"takes inputs .*{first}"):
+        runner.decode(3, 0, {k: v for k, v in kv.items() if k != first})
+    with pytest.raises(HarnessError, match=f"input {first} of signature decode has shape"):
+        runner.decode(3, 0, {**kv, first: kv[first][:, :-1]})
+    assert not ran

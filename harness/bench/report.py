@@ -70,7 +70,7 @@ ENGINE_NOTE = ("The engine's figures are its benchmark mode's (`litert_lm.Benchm
 
 
 def _interpreter_rows(engine: dict, interpreter: dict) -> list[list]:
-    """The float flatbuffer's figures at the engine's prefill length: the runtime and the signature runners."""
+    """The float flatbuffer's figures at the engine's prefill length: the runtime and the parity runner."""
     n = str(engine["prefill"]["tokens"])
     versus = engine.get("vs_interpreter") or {}
     binding = interpreter["binding"]
@@ -84,8 +84,8 @@ def _interpreter_rows(engine: dict, interpreter: dict) -> list[list]:
     rss = f"{interpreter['peak_rss_mb']:.0f} (+{interpreter['peak_rss_mb'] - interpreter['rss_before_mb']:.0f})"
     return [row("CompiledModel", interpreter["create_ms"], interpreter["prefill"].get(n),
                 interpreter["decode"]["median_ms"], rss, versus.get("compiled", {})),
-            row("signature runner", binding["create_ms"], binding["prefill"].get(n), binding["decode"]["median_ms"],
-                "", versus.get("signature_runner", {}))]
+            row("parity runner", binding["create_ms"], binding["prefill"].get(n), binding["decode"]["median_ms"],
+                "", versus.get("parity_runner", {}))]
 
 
 def engine_table(document: dict, fmt: str = "github") -> str:
@@ -180,8 +180,8 @@ def render_perf(document: dict, plot: str | None = None) -> str:
     if document.get("measurements"):
         lines += ["## Runtime (CompiledModel, buffers reused, KV cache never copied)", "",
                   measurement_table(document), "",
-                  "Binding overhead: the same calls through the Interpreter's signature runners, which copy every "
-                  "KV cache in and out per call (as the parity stages run them), minus the runtime figure.", ""]
+                  "Binding overhead: the same calls through the parity stages' runner (`harness.runners.TFLiteRunner`), "
+                  "which writes every KV cache in and reads it out per call, minus the runtime figure.", ""]
         if plot:
             lines += [f"![latency]({plot})", ""]
         if document.get("engine"):

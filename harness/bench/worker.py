@@ -118,8 +118,9 @@ def measure_tflite(job: dict, channel=None) -> dict:
         "first_decode_ms": first_decode_ms, "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
         "prefill": prefill, "decode": decode, "kv_cache_bytes": kv_bytes(runner),
     }
+    kv_max = runner.kv_max
     del runner
-    result["binding"] = measure_binding(job)
+    result["binding"] = measure_binding(job, kv_max)
     return result
 
 
@@ -128,40 +129,34 @@ def kv_bytes(runner: CompiledRunner) -> int:
     return int(sum(np.prod(details[k]["shape"]) * np.dtype(details[k]["dtype"]).itemsize for k in runner.kv_names))
 
 
-def measure_binding(job: dict) -> dict:
-    """The same calls through the Interpreter's signature runners, made as harness.runners.TFLiteRunner makes them.
+def measure_binding(job: dict, kv_cache_max: int) -> dict:
+    """The same calls through harness.runners.TFLiteRunner, the runner the parity stages use.
 
-    Each call resizes, allocates, copies every KV cache in and every output out; the
-    difference from the CompiledModel figures is the host overhead of that binding.
-    (TFLiteRunner itself is not imported: harness.runners pulls in torch.)
+    Each call writes every input, the KV caches included, from numpy and reads every output back; the
+    difference from the CompiledModel figures above is the host overhead of that binding.
     """
-    from ai_edge_litert import interpreter as litert
+    from harness.runners import TFLiteRunner
 
     prefill_lens = sorted(job["prefill_lens"])
     start = time.perf_counter()
-    interpreter = litert.Interpreter(model_path=job["path"], num_threads=job["threads"])
-    runners = {name: interpreter.get_signature_runner(name) for name in interpreter.get_signature_list()}
+    runner = TFLiteRunner(job["path"], prefill_lens, kv_cache_max, job["threads"])
     create_ms = (time.perf_counter() - start) * 1e3
-    specs = {k: v for k, v in runners["decode"].get_input_details().items() if k.startswith("kv_cache_")}
-    empty = {k: np.zeros(v["shape"], v["dtype"]) for k, v in specs.items()}
-
-    def call(signature, tokens, positions, kv):
-        out = runners[signature](tokens=tokens, input_pos=positions, **kv)
-        return out["logits"][0], {k: out[k] for k in specs}
+    empty = runner.empty_kv()
 
     prefill = {}
     for n in prefill_lens:
         tokens, positions = np.full((1, n), TOKEN, np.int32), np.arange(n, dtype=np.int32)
-        prefill[str(n)] = summarize(_timed(lambda t=tokens, p=positions, n=n: call(f"prefill_{n}", t, p, empty),
+        prefill[str(n)] = summarize(_timed(lambda t=tokens, p=positions, n=n: runner.call(f"prefill_{n}", t, p, empty),
                                            job["prefill_repeats"], 2))
     first = prefill_lens[0]
-    _, kv = call(f"prefill_{first}", np.full((1, first), TOKEN, np.int32), np.arange(first, dtype=np.int32), empty)
-    kv_max = int(next(iter(specs.values()))["shape"][1])
+    _, kv = runner.call(f"prefill_{first}", np.full((1, first), TOKEN, np.int32), np.arange(first, dtype=np.int32),
+                        empty)
     state = {"pos": first, "kv": kv}
 
     def step():
-        _, state["kv"] = call("decode", np.array([[TOKEN]], np.int32), np.array([state["pos"]], np.int32), state["kv"])
-        state["pos"] = first + (state["pos"] + 1 - first) % (kv_max - first)
+        _, state["kv"] = runner.call("decode", np.array([[TOKEN]], np.int32), np.array([state["pos"]], np.int32),
+                                     state["kv"])
+        state["pos"] = first + (state["pos"] + 1 - first) % (runner.kv_cache_max - first)
 
     decode = summarize(_timed(step, job["decode_steps"], job["warmup"]))
     return {"create_ms": create_ms, "prefill": prefill, "decode": decode}
