@@ -228,11 +228,11 @@ def test_decoding_past_the_cache_is_a_clear_error(tiny_llama_report):
 def test_a_released_flatbuffer_reopens_and_gives_the_same_logits(tiny_llama_report):
     runner = tiny_llama_report.state.runners[stages.TFLITE_FLOAT]
     runner.release()  # the pipeline releases every flatbuffer after its stage
-    assert runner.runners is None
+    assert runner.model is None
     trajectory = tiny_llama_report.state.trajectories[0]
     tokens = trajectory.tokens[:trajectory.prompt_len]
     first, _ = runner.prefill(tokens, runner.empty_kv())
-    assert runner.runners is not None
+    assert runner.model is not None
     runner.release()
     again, _ = runner.prefill(tokens, runner.empty_kv())
     assert np.array_equal(first, again)

@@ -244,7 +244,7 @@ def test_real_text_on_real_flatbuffers(tiny_llama, tiny_hf, tiny_llama_report):
     assert hf.metrics["tokens"] == flt.metrics["tokens"] == int8.metrics["tokens"] > 800
     assert flt.metrics["kl_vs"] == stages.HF and int8.metrics["kl_vs"] == stages.TFLITE_FLOAT
     assert int8.metrics["mean_kl"] > 1e-4  # really quantized, and measured against the float flatbuffer
-    assert not any(r.runners for r in runners.values())  # released after its last pass
+    assert not any(r.model for r in runners.values())  # released after its last pass
     trajectories = tiny_llama_report.state.trajectories
     text_gates = Gates.from_dict({"models": {"tiny_llama": {stages.TFLITE_FLOAT: {
         realtext.GREEDY_TEXT: {"min_identical": 1.0}}}}})
