@@ -113,10 +113,11 @@ PAIR = ModelPair(
                         for stage in bundle_stages()),
     # Measured: stablehlo vs exported max_abs_err 0.108 on logits up to |64| (greedy identical); with
     # approximate= passed in the GELU composite builder, 4.3e-4 (prefill_128 of prompt 1), under its 2e-3 gate.
-    # Not yet measured as composite_body: its stablehlo logits moved by 0.108 with the erf bodies (every prompt);
-    # the band is ~3x either side of that.
+    # As composite_body (prefill_128 of prompt 0, the lowered bodies against the attributes' ops, 54 composites):
+    # max_abs_err 0.01274 (2026-12-04, a 2-core Xeon with AVX-512 and AMX). The band is ~3x either side of it;
+    # the first band, (0.03, 0.3), was guessed from the 0.108 above before this was measured, and failed the run.
     expected_failures=(
-        declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(0.03, 0.3)),
+        declared(GELU_TANH_LOWERED_AS_ERF, max_abs_err=(4e-3, 4e-2)),
         # Its float scores on the shortened context are 1.8e-3 nats off HF's at worst (262k vocabulary,
         # contexts up to 160 tokens), not the tiny pairs' 1.6e-5; the score gate is 1e-2 for it too.
         declared(ENGINE_SCORES_WITHOUT_SECOND_TO_LAST_TOKEN, score_err=(1e-2, 100.0), dropped_token_context_err=(0.0, 1e-2)),
