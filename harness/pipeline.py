@@ -24,7 +24,7 @@ from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
 from harness.gates import Gate, Gates, gate_for, load_gates
 from harness.localise import localisable, localise_failures
-from harness.memory import peak_rss_mb, release_freed
+from harness.memory import current_rss_mb, peak_rss_mb, release_freed
 from harness.pairs import ModelPair, resolve
 from harness.paths import scrub
 from harness.records import ERROR, FAIL, SKIP, CheckResult
@@ -174,7 +174,7 @@ def run_exported(state: RunState) -> list[CheckResult]:
 def run_stablehlo(state: RunState) -> list[CheckResult]:
     """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
     what the composite bodies as lowered would change (composite_body)."""
-    from harness.lowering import StableHLORunner, custom_calls, fits_inline, lower_programs
+    from harness.lowering import StableHLORunner, custom_calls, fits_inline, lower_programs, share_weights
     from harness.runners import signature_for
 
     pair, export = state.pair, state.pair.export
@@ -199,6 +199,7 @@ def run_stablehlo(state: RunState) -> list[CheckResult]:
     if left:
         raise HarnessError(f"cannot execute the lowered StableHLO: custom calls with no XLA kernel remain "
                            f"({', '.join(left)}); teach harness/lowering.py to resolve them")
+    share_weights([*lowered.values(), *bodies.values()])  # one copy of the weights, not one per module
     runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
     logits = state.logits[stages.STABLEHLO] = state.run_trajectories(stages.STABLEHLO, runner)
     # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
@@ -420,6 +421,7 @@ def _run_step(report: PairReport, state: RunState, name: str, needs: tuple[str, 
     report.timings[name] = round(time.perf_counter() - start, 3)
     release_freed()  # what the step dropped, before the next one allocates
     state.notes.setdefault("peak_rss_mib", {})[name] = round(peak_rss_mb())
+    state.notes.setdefault("rss_after_mib", {})[name] = round(current_rss_mb())  # what the step left held
     report.results.extend(produced)
     if progress:
         progress(model, name, report.timings[name], produced)

@@ -266,6 +266,24 @@ def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, t
         np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
 
 
+def test_the_modules_of_one_export_share_one_variable_per_weight(tiny_llama, tiny_llama_report):
+    """share_weights, as the stablehlo stage runs a large model: every signature and the composite-body copy
+    read one TensorFlow variable per weight (tf_integration alone makes one per weight per module), and the
+    numbers are those of the inlined lowering."""
+    from harness.lowering import StableHLORunner, lower_programs, share_weights
+    from harness.runners import run_trajectory
+
+    state, export = tiny_llama_report.state, tiny_llama.export
+    lowered, _, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=("prefill_8",))
+    modules = [*lowered.values(), *bodies.values()]
+    assert len(modules) == 4
+    weights = {s.input_spec.name for m in modules for s in m.input_signature if s.input_spec.is_parameter}
+    assert share_weights(modules) == len(weights) > 0
+    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+    for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
+        np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
+
+
 def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):
     from harness.pipeline import STAGES, litertlm_recipe_stage, planned_stages, recipe_stage
 
