@@ -253,28 +253,16 @@ def test_modules_too_large_to_inline_are_sized_by_their_distinct_weights():
     assert fits_inline(half)
 
 
-def test_stablehlo_with_weights_as_arguments_runs_the_same_numbers(tiny_llama, tiny_llama_report):
-    """The lowering a large real model gets (weights fed to XlaCallModule) agrees with the inlined one."""
-    from harness.lowering import StableHLORunner, lower_programs
-    from harness.runners import run_trajectory
-
-    state, export = tiny_llama_report.state, tiny_llama.export
-    lowered, _, _ = lower_programs(state.programs, inline_weights=False)
-    assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
-    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
-    for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
-        np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
-
-
-def test_the_modules_of_one_export_share_one_variable_per_weight(tiny_llama, tiny_llama_report):
-    """share_weights, as the stablehlo stage runs a large model: every signature and the composite-body copy
-    read one TensorFlow variable per weight (tf_integration alone makes one per weight per module), and the
-    numbers are those of the inlined lowering."""
+def test_stablehlo_with_weights_as_arguments_shares_them_and_runs_the_same_numbers(tiny_llama, tiny_llama_report):
+    """The lowering a large real model gets (weights fed to XlaCallModule), as the stablehlo stage runs it:
+    every signature and the composite-body copy read one TensorFlow variable per weight (share_weights;
+    tf_integration alone makes one per weight per module), and the numbers are the inlined lowering's."""
     from harness.lowering import StableHLORunner, lower_programs, share_weights
     from harness.runners import run_trajectory
 
     state, export = tiny_llama_report.state, tiny_llama.export
     lowered, _, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=("prefill_8",))
+    assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
     modules = [*lowered.values(), *bodies.values()]
     assert len(modules) == 4
     weights = {s.input_spec.name for m in modules for s in m.input_signature if s.input_spec.is_parameter}
