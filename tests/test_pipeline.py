@@ -317,3 +317,24 @@ def test_a_named_recipe_stage_this_run_does_not_convert_is_an_error_not_a_pass(t
     assert "add --quant fp16" in records[0].message
     with_recipe = asked.derive(quant=("fp16",))
     assert unplanned_records(tiny_llama, with_recipe, {s.name for s in planned_stages(tiny_llama, with_recipe)}) == []
+
+
+def test_a_pairs_own_checks_run_after_the_torch_models_are_dropped_and_the_runs_checks_before(pairs, options):
+    """The real model's real text reads the flatbuffers without the re-authored model and its programs held
+    (RunState.drop_torch_models); the run's checks (properties, golden) still see them."""
+    seen = {}
+
+    def run_check(state):
+        seen["run"] = (state.model is not None, sorted(state.runners))
+        return []
+
+    def own_check(state):
+        seen["own"] = (state.model is not None, bool(state.programs), sorted(state.runners))
+        return []
+
+    run_check.name, own_check.name = "run_check", "own_check"
+    pair = dataclasses.replace(pairs["tiny_llama"], extra_checks=(own_check,))
+    verify_pair(pair, options.derive(stages=(stages.HF, stages.REAUTHORED, stages.EXPORTED, stages.TFLITE_FLOAT),
+                                     quant=(), extra_checks=(run_check,)))
+    assert seen["run"] == (True, [stages.EXPORTED, stages.REAUTHORED, stages.TFLITE_FLOAT])
+    assert seen["own"] == (False, False, [stages.TFLITE_FLOAT])
