@@ -13,9 +13,9 @@ import os
 
 # TensorFlow's oneDNN CPU allocator is a BFC pool that keeps every block it frees (TensorFlow turns oneDNN on
 # by default only on CPUs with AVX-512 VNNI or BF16, AMX and the like; not on an AVX2-only EPYC, so no pool
-# there). Measured in this environment (TensorFlow 2.21): 1 GiB of tensors made and dropped left RSS 1.1 GiB up with the pool, back
-# where it started with the system allocator; on the real Gemma 3 270M about 2.2 GiB stayed held after the
-# stablehlo stage had dropped its modules. Read once, when TensorFlow loads.
+# there). Measured in this environment (TensorFlow 2.21): 1 GiB of tensors made and dropped left RSS 1.1 GiB
+# up with the pool, back where it started with the system allocator; on the real Gemma 3 270M about 2.2 GiB
+# stayed held after the stablehlo stage had dropped its modules. Read once, when TensorFlow loads.
 TF_SYSTEM_ALLOCATOR = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 
 
