@@ -52,10 +52,23 @@ def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: 
 def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True,
             kv_layout: str = "default") -> Path:
     """The flatbuffer of `model` with prefill_<len> and decode signatures, float or quantized by `recipe`, its KV
-    cache in litert-torch's default layout or "transposed" (a bundle's)."""
+    cache in litert-torch's default layout or "transposed" (a bundle's).
+
+    litert-torch's converter exports, lowers and converts the same float module whatever the recipe, and only
+    then hands its bytes to ai-edge-quantizer (`exported_programs_to_flatbuffer`). So a quantized flatbuffer is
+    made the same way from the cached float one, not by exporting and converting again: byte-identical to
+    `convert_to_tflite(quantize=recipe)` (tests/test_convert.py), one conversion per layout instead of one per
+    recipe."""
     from litert_torch.generative.utilities import converter
 
+    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
+    quantizer = quantizer_recipe(model, recipe)
+
     def build(out: Path) -> None:
+        if quantizer is not None:
+            float_flatbuffer = convert(pair, model, checkpoint, FLOAT, cache, quiet, kv_layout)
+            (out / MODEL_FILE).write_bytes(quantize(float_flatbuffer.read_bytes(), quantizer))
+            return
         sink = io.StringIO()
         redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
         with redirect:
@@ -70,8 +83,28 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
                 logging.root.setLevel(previous)
         Path(path).rename(out / MODEL_FILE)
 
-    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
+
+
+def quantizer_recipe(model, recipe: str) -> list[dict] | None:
+    """The ai-edge-quantizer recipe litert-torch's converter applies to the converted float flatbuffer for
+    `recipe` and this model (translate_to_ai_edge_recipe); None for float, or for a recipe it would apply
+    while converting (PT2E) rather than after."""
+    from litert_torch.generative.utilities import converter
+    from litert_torch.quantize import quant_config, translate_recipe
+
+    config = converter.get_quant_recipe_from_flag(recipe, model.config)
+    if config is None or config._quantizer_mode != quant_config.QuantConfig._QuantizerMode.AI_EDGE_QUANTIZER:
+        return None
+    return translate_recipe.translate_to_ai_edge_recipe(config.generative_recipe)
+
+
+def quantize(float_bytes: bytes, recipe: list[dict]) -> bytes:
+    """What litert-torch's converter does to its float bytes for an ai-edge-quantizer recipe (quantize_model)."""
+    from litert_torch.quantize import translate_recipe
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        return bytes(translate_recipe.quantize_model(float_bytes, recipe))
 
 
 def cached_artifact(pair: ModelPair, checkpoint: Path, recipe: str, cache: ArtifactCache,

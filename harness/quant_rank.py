@@ -11,9 +11,7 @@ alone costs the most ("mostly layer 1's MLP down projection").
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 import tempfile
 from pathlib import Path
@@ -50,15 +48,6 @@ class Ranking:
                 "ranking": {s.name: s.mean_kl for s in self.shares}}
 
 
-def stage_recipe(model, recipe: str) -> list[dict]:
-    """The ai-edge-quantizer recipe litert-torch's converter quantizes `recipe` with, for this model."""
-    from litert_torch.generative.utilities import converter
-    from litert_torch.quantize import translate_recipe
-
-    config = converter.get_quant_recipe_from_flag(recipe, model.config)
-    return translate_recipe.translate_to_ai_edge_recipe(config.generative_recipe)
-
-
 def groups(model, points: list[Point]) -> list[tuple[str, int | None, str]]:
     """(name, layer, scope pattern) of every Linear and embedding, named after the points they compute (the
     fused q/k/v projection: attention.qkv), in forward order. The quantizer knows an operator by its outputs'
@@ -88,15 +77,13 @@ def narrowed(recipe: list[dict], scope: str) -> list[dict]:
 
 def quantized_logits(float_bytes: bytes, recipe: list[dict], pair, trajectories, num_threads: int = 1):
     """The float flatbuffer quantized by `recipe`, run along the trajectories: logits per trajectory."""
-    from litert_torch.quantize import translate_recipe
-
+    from harness.convert import quantize
     from harness.runners import TFLiteRunner, run_trajectory
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-        quantized = translate_recipe.quantize_model(float_bytes, recipe)
+    quantized = quantize(float_bytes, recipe)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.tflite"
-        path.write_bytes(bytes(quantized))
+        path.write_bytes(quantized)
         runner = TFLiteRunner(path, pair.export.prefill_lens, pair.export.kv_cache_max, num_threads)
         logits = [run_trajectory(runner, t) for t in trajectories]
         runner.release()
@@ -109,7 +96,9 @@ def rank(pair, model, stage: str, float_flatbuffer: Path, float_logits, trajecto
     from harness import stages
     from harness.checks import kl_divergences
 
-    recipe = recipe if recipe is not None else stage_recipe(model, stages.recipe_of(stage))
+    from harness.convert import quantizer_recipe
+
+    recipe = recipe if recipe is not None else quantizer_recipe(model, stages.recipe_of(stage))
     float_bytes = Path(float_flatbuffer).read_bytes()
 
     def cost(r):

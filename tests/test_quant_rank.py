@@ -7,6 +7,7 @@ import pytest
 
 from harness import cli, quant_rank, stages, summary
 from harness.cache import ArtifactCache
+from harness.convert import quantizer_recipe
 from harness.pipeline import verify_pair
 from harness.records import FAIL, INFO, PASS
 
@@ -40,7 +41,7 @@ def test_the_recipe_requantizes_the_float_flatbuffer_into_the_stages_own(tiny_ll
     """quant_rank quantizes as the converter does: the same recipe on the float flatbuffer gives the stage's
     logits exactly, so a group quantized alone is the stage's own quantization of that group."""
     state = tiny_llama_report.state
-    recipe = quant_rank.stage_recipe(state.model, "dynamic_int8")
+    recipe = quantizer_recipe(state.model, "dynamic_int8")
     logits = quant_rank.quantized_logits(state.artifacts[stages.TFLITE_FLOAT].read_bytes(), recipe, tiny_llama,
                                          state.trajectories)
     for ours, stage in zip(logits, state.logits[STAGE], strict=True):
