@@ -59,16 +59,24 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
     made the same way from the cached float one, not by exporting and converting again: byte-identical to
     `convert_to_tflite(quantize=recipe)` (tests/test_convert.py), one conversion per layout instead of one per
     recipe."""
-    from litert_torch.generative.utilities import converter
-
-    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     quantizer = quantizer_recipe(model, recipe)
+    if quantizer is None:
+        return _converted(pair, model, checkpoint, recipe, cache, quiet, kv_layout)
 
     def build(out: Path) -> None:
-        if quantizer is not None:
-            float_flatbuffer = convert(pair, model, checkpoint, FLOAT, cache, quiet, kv_layout)
-            (out / MODEL_FILE).write_bytes(quantize(float_flatbuffer.read_bytes(), quantizer))
-            return
+        float_flatbuffer = _converted(pair, model, checkpoint, FLOAT, cache, quiet, kv_layout)
+        (out / MODEL_FILE).write_bytes(quantize(float_flatbuffer.read_bytes(), quantizer))
+
+    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
+    return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
+
+
+def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool,
+               kv_layout: str) -> Path:
+    """The flatbuffer litert-torch's convert_to_tflite writes for `recipe`, from the cache or converted."""
+    from litert_torch.generative.utilities import converter
+
+    def build(out: Path) -> None:
         sink = io.StringIO()
         redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
         with redirect:
@@ -83,6 +91,7 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
                 logging.root.setLevel(previous)
         Path(path).rename(out / MODEL_FILE)
 
+    key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
 
 
