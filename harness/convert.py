@@ -37,14 +37,23 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict
     }
 
 
-def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: tuple[str, ...]) -> dict:
-    """Everything that affects the lowered StableHLO of the stablehlo stage: what shapes the model and its
-    export (as for a flatbuffer), the harness's export and lowering code, and which bodies are kept as lowered."""
-    from harness import lowering
+def export_key(pair: ModelPair, checkpoint: Path, libraries: dict) -> dict:
+    """Everything that affects the exported stage's torch.export programs: what shapes the model and its export
+    (as for a flatbuffer), the harness's export code and how it saves and loads the programs."""
+    from harness import lowering, programs
 
     key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries).items()
            if k not in ("recipe", "conversion_code")}
-    return {**key, "export_code": describe([lowering.converter_signatures, lowering.export_programs]),
+    return {**key, "export_code": describe([lowering.converter_signatures, lowering.export_programs,
+                                            programs.save_programs, programs.load_programs])}
+
+
+def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: tuple[str, ...]) -> dict:
+    """Everything that affects the lowered StableHLO of the stablehlo stage: the programs it lowers (as cached),
+    the harness's lowering code, and which bodies are kept as lowered."""
+    from harness import lowering
+
+    return {**export_key(pair, checkpoint, libraries),
             "lowering_code": describe([lowering.lower_programs, lowering.save_lowered, lowering.load_lowered]),
             "inline_weights": True, "bodies_of": list(bodies_of)}
 

@@ -138,24 +138,28 @@ def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, m
 
 
 def test_the_stablehlo_stage_from_the_cache_gives_the_records_it_gave_when_it_lowered(tiny_llama, gates, tmp_path):
-    """Cold (a miss: lowered, stored, read back) and warm (a hit, in a new cache object as a new process has) give
-    the same logits to the bit and the same records; the second run lowers nothing."""
+    """Cold (a miss: exported and lowered, stored, read back) and warm (hits, in a new cache object as a new process
+    has) give the same logits to the bit and the same records; the second run exports and lowers nothing."""
     from harness.lowering import STABLEHLO_KIND
+    from harness.programs import PROGRAMS_KIND
 
     runs = []
     for _ in range(2):
         cache = ArtifactCache(tmp_path / "cache")
         options = RunOptions(RunConfig(stages=(stages.STABLEHLO,)), gates, cache)
         report = verify_pair(tiny_llama, options)
-        runs.append((report, [n for n in cache.hits if n.startswith(STABLEHLO_KIND)],
-                     [n for n in cache.misses if n.startswith(STABLEHLO_KIND)]))
-    (cold, cold_hits, cold_misses), (warm, warm_hits, warm_misses) = runs
-    assert len(cold_misses) == 1 and not cold_hits and warm_hits == cold_misses and not warm_misses
-    for a, b in zip(cold.state.logits[stages.STABLEHLO], warm.state.logits[stages.STABLEHLO]):
-        assert np.array_equal(a, b)
+        runs.append((report, {kind: ([n for n in cache.hits if n.startswith(kind)],
+                                     [n for n in cache.misses if n.startswith(kind)])
+                              for kind in (PROGRAMS_KIND, STABLEHLO_KIND)}))
+    (cold, cold_entries), (warm, warm_entries) = runs
+    for kind, stage in ((PROGRAMS_KIND, stages.EXPORTED), (STABLEHLO_KIND, stages.STABLEHLO)):
+        (cold_hits, cold_misses), (warm_hits, warm_misses) = cold_entries[kind], warm_entries[kind]
+        assert len(cold_misses) == 1 and not cold_hits and warm_hits == cold_misses and not warm_misses, kind
+        for a, b in zip(cold.state.logits[stage], warm.state.logits[stage], strict=True):
+            assert np.array_equal(a, b)
+        assert warm.notes["artifacts"][stage]["key"] == cold_misses[0]
     assert [(r.stage, r.check, r.status, r.metrics) for r in cold.results] == [
         (r.stage, r.check, r.status, r.metrics) for r in warm.results]
-    assert warm.notes["artifacts"][stages.STABLEHLO]["key"] == cold_misses[0]
 
 
 def _build_once_slowly(root, log, result):

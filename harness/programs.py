@@ -1,0 +1,111 @@
+"""The exported stage's torch.export programs, cached like the other artifacts (~4.5 s of export a tiny pair).
+
+torch.export.save refuses two things litert-torch puts in its programs: the attribute tuples of its
+`mark_tensor` nodes, and the pytree context of its KVCache in the programs' input and output specs. So a
+program is saved without them (each attribute replaced by its node's name, the specs with the KVCache as a
+plain list, no example inputs, which hold a KVCache too); they go beside it, pickled, and loading puts them
+back. A loaded program has the same code, node names, module stacks and graph
+signature, and computes the same outputs to the bit (tests/test_programs.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from pathlib import Path
+
+import torch
+
+PROGRAMS_KIND = "exported"  # the cache's kind for exported programs
+_EXTRAS = "extras.pkl"  # per program: its module call graph's specs and its example inputs
+
+
+def _mark_tensor():
+    from litert_torch.backend.composite import mark_tensor
+
+    return mark_tensor.mark_tensor_op
+
+
+def _plain(spec):
+    """A pytree spec with litert-torch's KV cache nodes as lists: what torch.export.save can write."""
+    from litert_torch.generative.layers import kv_cache
+    from torch.utils import _pytree as pytree
+
+    if spec is None or spec.is_leaf():
+        return spec
+    children = [_plain(child) for child in spec.children()]
+    if spec.type in (kv_cache.KVCache, kv_cache.KVCacheEntry):
+        return pytree.TreeSpec(list, None, children)
+    return pytree.TreeSpec(spec.type, spec.context, children)
+
+
+@contextlib.contextmanager
+def _saveable(program):
+    """The program as torch.export.save can write it, restored when the block ends; yields what loading restores."""
+    mark, signatures = _mark_tensor(), [e.signature for e in program.module_call_graph if e.signature is not None]
+    nodes = [(node, node.args) for node in program.graph.nodes
+             if node.target is mark and len(node.args) > 5 and node.args[5] is not None]
+    extras = {"attrs": {node.name: args[5] for node, args in nodes},
+              "specs": [(s.in_spec, s.out_spec) for s in signatures], "example_inputs": program.example_inputs}
+    try:
+        for node, args in nodes:
+            node.args = (*args[:5], node.name)
+        for s in signatures:
+            s.in_spec, s.out_spec = _plain(s.in_spec), _plain(s.out_spec)
+        program.example_inputs = None
+        yield extras
+    finally:
+        for node, args in nodes:
+            node.args = args
+        for s, (in_spec, out_spec) in zip(signatures, extras["specs"]):
+            s.in_spec, s.out_spec = in_spec, out_spec
+        program.example_inputs = extras["example_inputs"]
+
+
+def save_programs(out: Path, programs: dict[str, torch.export.ExportedProgram]) -> None:
+    """Each program as <name>.pt2, with what torch.export.save cannot write in extras.pkl."""
+    extras = {}
+    for name, program in programs.items():
+        with _saveable(program) as extras[name]:
+            torch.export.save(program, Path(out) / f"{name}.pt2")
+    (Path(out) / _EXTRAS).write_bytes(pickle.dumps(extras))
+
+
+def load_programs(entry: Path) -> dict[str, torch.export.ExportedProgram]:
+    """The programs save_programs wrote, as they were."""
+    mark, programs = _mark_tensor(), {}
+    for name, extras in pickle.loads((Path(entry) / _EXTRAS).read_bytes()).items():
+        program = torch.export.load(Path(entry) / f"{name}.pt2")
+        for node in program.graph.nodes:
+            if node.target is mark and node.name in extras["attrs"]:
+                node.args = (*node.args[:5], extras["attrs"][node.name])
+        program.graph_module.recompile()
+        signatures = [e.signature for e in program.module_call_graph if e.signature is not None]
+        for s, (in_spec, out_spec) in zip(signatures, extras["specs"], strict=True):
+            s.in_spec, s.out_spec = in_spec, out_spec
+        program.example_inputs = extras["example_inputs"]
+        programs[name] = program
+    _one_copy_of_each_weight(programs.values())
+    return programs
+
+
+def _one_copy_of_each_weight(programs) -> None:
+    """Programs of one export read the same weight tensors (share_weights and memory count on it); read back, each
+    file brought its own copy, so equal tensors of the same name become one."""
+    first: dict[str, torch.Tensor] = {}
+    for program in programs:
+        for tensors in (program.state_dict, program.constants):
+            for key, tensor in tensors.items():
+                seen = first.setdefault(key, tensor)
+                if (seen is not tensor and isinstance(tensor, torch.Tensor) and seen.dtype == tensor.dtype
+                        and torch.equal(seen, tensor)):
+                    tensors[key] = seen
+
+
+def cached_programs(cache, key: dict, signatures) -> tuple[Path, dict[str, torch.export.ExportedProgram]]:
+    """export_programs through the cache: a miss exports and stores; what runs is always what the entry holds, so
+    cold and warm runs give the same records. Returns the entry and the programs by signature name."""
+    from harness.lowering import export_programs
+
+    entry = cache.get_or_build(PROGRAMS_KIND, key, lambda out: save_programs(out, export_programs(signatures)))
+    return entry, load_programs(entry)
