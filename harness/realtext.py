@@ -11,6 +11,7 @@ GiBs, so every metric is accumulated chunk by chunk and the logits are dropped.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -159,26 +160,42 @@ def _references(names: list[str]) -> dict[str, str | None]:
 
 
 def reading_passes(names: list[str]) -> list[list[str]]:
-    """The stages that read the corpus together, so at most one quantized interpreter is open at a time.
+    """The stages that read the corpus together: HF, float and the first recipe, then each further recipe alone.
 
-    The first pass reads HF, float and the first recipe; each further recipe reads it again beside
-    its reference (float), recomputed: a reference's log-probabilities over the corpus weigh ~10 GB
-    at 262k vocab, too much to keep, and one XNNPack interpreter of the real model holds 2-10 GiB.
+    One XNNPack interpreter of the real model holds 1-7 GiB (weight_only_int8 the most), so at most one quantized
+    interpreter is open at a time, and float is read once: a later recipe's reference rows are float's logits as
+    the first pass wrote them to disk (KeptLogits).
     """
-    refs = _references(names)
     first = [n for n in names if n in (stages.HF, stages.TFLITE_FLOAT)]
     recipes = [n for n in names if n not in first]
-    passes = [first + recipes[:1]]
-    for recipe in recipes[1:]:
-        passes.append([refs[recipe], recipe] if refs[recipe] else [recipe])
-    return passes
+    return [first + recipes[:1], *([recipe] for recipe in recipes[1:])]
+
+
+class KeptLogits:
+    """One stage's logits over the corpus, piece after piece in a file, as its runner gave them: written by the pass
+    that reads the stage and read back, in the same order, by each later pass that holds a stage against it. Over a
+    262k vocabulary that is ~5 GB for the corpus, on disk rather than in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pieces: list[tuple[tuple[int, ...], np.dtype]] = []
+
+    def write(self, piece: np.ndarray) -> None:
+        with open(self.path, "ab") as f:
+            np.ascontiguousarray(piece).tofile(f)
+        self.pieces.append((piece.shape, piece.dtype))
+
+    def read(self) -> Iterator[np.ndarray]:
+        with open(self.path, "rb") as f:
+            for shape, dtype in self.pieces:
+                yield np.fromfile(f, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, gates,
                documents: dict[str, str] | None = None) -> list[CheckResult]:
     """Perplexity over every window of the corpus for HF and each flatbuffer, KL and top-1 against the reference.
 
-    Each runner is released after the last pass that reads it, and HF's model after the first:
+    Each runner is released after the pass that reads it, and HF's model after the first:
     callers pass the model without keeping a reference of their own.
     """
     documents = documents or corpus()
@@ -192,30 +209,37 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
     def chunks(name: str, window: np.ndarray) -> Iterator[np.ndarray]:
         return hf_chunks(hf_model, window, chunk) if name == stages.HF else runner_chunks(runners[name], window, chunk)
 
-    def read(group: list[str], fresh: list[str]) -> None:
-        """One pass over the corpus; its streams (and what they hold) end with it."""
+    def read(group: list[str], kept: dict[str, KeptLogits], keep: set[str]) -> None:
+        """One pass over the corpus: the group's stages, and a reference the group lacks from what an earlier pass
+        kept; the pieces of `keep` are written for later passes. Its streams (and what they hold) end with it."""
+        replayed = {name: logits.read() for name, logits in kept.items() if name not in group}
         for source, text in documents.items():
             for window in windows(encode(tokenizer, text), length):
                 streams = [chunks(name, window) for name in group]
                 for start, pieces in zip(range(0, len(window), chunk), zip(*streams)):
+                    piece_of = {**dict(zip(group, pieces)), **{name: next(it) for name, it in replayed.items()}}
+                    for name in keep:
+                        kept[name].write(piece_of[name])
                     targets = window[start + 1:start + chunk + 1]
                     for row in range(0, len(targets), ROWS):
                         rows = targets[row:row + ROWS]
-                        logp = {name: log_probs(piece[row:row + len(rows)]) for name, piece in zip(group, pieces)}
-                        for name in fresh:
+                        logp = {name: log_probs(piece[row:row + len(rows)]) for name, piece in piece_of.items()}
+                        for name in group:
                             tallies[name].add(source, logp[name], rows, logp[refs[name]] if refs[name] else None)
 
-    tallied: set[str] = set()
-    for i, group in enumerate(passes):
-        read(group, [name for name in group if name not in tallied])
-        tallied.update(group)
-        later = {name for g in passes[i + 1:] for name in g}
-        for name in set(group) - later:
-            if name == stages.HF:
-                hf_model = None  # the caller hands it over: ~1 GiB on the real model, read in the first pass only
-            else:
-                runners[name].release()
-        release_freed()
+    with tempfile.TemporaryDirectory(prefix="edge-parity-realtext-") as tmp:
+        kept: dict[str, KeptLogits] = {}
+        for i, group in enumerate(passes):
+            later = [name for g in passes[i + 1:] for name in g]
+            keep = {refs[name] for name in later if refs[name] in group}
+            kept.update({name: KeptLogits(Path(tmp) / f"{name}.logits") for name in keep})
+            read(group, kept, keep)
+            for name in group:
+                if name == stages.HF:
+                    hf_model = None  # the caller hands it over: ~1 GiB on the real model, read in the first pass only
+                else:
+                    runners[name].release()
+            release_freed()
     results = []
     hf_ppl = None
     for name in names:

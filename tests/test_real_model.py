@@ -6,6 +6,8 @@ harness/realtext.py to a tiny random Llama and a byte tokenizer, so they run eve
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,7 @@ class HFRunner(Runner):
         self.rng = np.random.default_rng(0)
         self.noise = noise
         self.is_open, self.most_open = False, 0  # a flatbuffer's interpreter: opened by a call, freed by release
+        self.calls = 0
         self.peers = peers if peers is not None else []
         self.peers.append(self)
 
@@ -138,6 +141,7 @@ class HFRunner(Runner):
 
     def call(self, name, tokens, positions, kv):
         self.is_open = True
+        self.calls += 1
         self.most_open = max(self.most_open, sum(p.is_open for p in self.peers))
         seen = np.concatenate([kv[: int(positions[0])], tokens[0]])
         with torch.no_grad():
@@ -197,16 +201,20 @@ def test_perplexity_fails_a_noisy_stage(tiny_llama, tiny_hf):
     assert "mean_kl" in noisy.message and "top1" in noisy.message
 
 
-def test_each_recipe_reads_the_corpus_beside_float_one_interpreter_at_a_time(tiny_llama, tiny_hf):
+def test_later_recipes_read_the_corpus_alone_against_float_as_the_first_pass_kept_it(tiny_llama, tiny_hf, tmp_path,
+                                                                                      monkeypatch):
     recipes = [stages.tflite_stage(r) for r in ("dynamic_int8", "fp16", "weight_only_int8")]
-    quantized: list = []
-    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64),
-               **{name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i, peers=quantized) for i, name in enumerate(recipes)}}
+    opened: list = []  # every flatbuffer stand-in: how many are open at once
+    runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64, peers=opened),
+               **{name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i, peers=opened) for i, name in enumerate(recipes)}}
     assert realtext.reading_passes([stages.HF, *runners]) == [
-        [stages.HF, stages.TFLITE_FLOAT, recipes[0]], [stages.TFLITE_FLOAT, recipes[1]], [stages.TFLITE_FLOAT, recipes[2]]]
+        [stages.HF, stages.TFLITE_FLOAT, recipes[0]], [recipes[1]], [recipes[2]]]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where float's logits are kept between passes
     together = {r.stage: r.metrics for r in realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(),
                                                                 _text_gates({}), DOCUMENTS)}
-    assert max(r.most_open for r in quantized) == 1 and not any(r.is_open for r in runners.values())
+    assert [r.most_open for r in opened] == [2, 2, 1, 1]  # float beside the first recipe; then each recipe alone
+    assert not any(r.is_open for r in opened) and not list(tmp_path.iterdir())  # all released, the file removed
+    floats_calls = runners[stages.TFLITE_FLOAT].calls
     for i, name in enumerate(recipes):  # each recipe's figures are those of a run with it alone beside float
         alone = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64), name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i)}
         (_, flt, single) = realtext.perplexity(tiny_llama, tiny_hf, alone, ByteTokenizer(), _text_gates({}), DOCUMENTS)
@@ -214,6 +222,7 @@ def test_each_recipe_reads_the_corpus_beside_float_one_interpreter_at_a_time(tin
         for key in ("ppl", "mean_kl", "p99_kl", "top1"):
             assert together[name][key] == pytest.approx(single.metrics[key], rel=1e-12), (name, key)
         assert together[stages.TFLITE_FLOAT]["ppl"] == pytest.approx(flt.metrics["ppl"], rel=1e-12)
+        assert alone[stages.TFLITE_FLOAT].calls == floats_calls  # float was read once for all three recipes
     assert together[recipes[2]]["mean_kl"] > together[recipes[0]]["mean_kl"]  # more noise, more KL: each its own
 
 
