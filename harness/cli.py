@@ -227,7 +227,7 @@ def cmd_golden(args) -> int:
     with options.cache:
         for pair in selected:
             quant = golden.recipes_to_record(pair, golden_dir, config.quant)
-            rep = verify_pair(pair, options.derive(quant=quant), progress)
+            rep = verify_pair(pair, options.derive(quant=quant), progress, keep_logits=True)
             outcomes.append(golden.update(pair, rep.state.logits, rep.state.trajectories, rep.results, options.gates,
                                           golden_dir, args.reason))
             print(outcomes[-1].diff, flush=True)

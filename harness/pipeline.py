@@ -97,13 +97,16 @@ class RunState:
             seconds = self.notes.setdefault("seconds", {})
             seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - start, 3)
 
-    def drop_torch_models(self) -> None:
-        """Drops the re-authored model, its export programs and the runners over them: the stages, localisation
-        and the run's checks read them, a pair's own checks (real text: flatbuffers and HF) do not. Dropped before
-        the real Gemma 3 270M's real text, they freed 1.1 of the 4.4 GiB held; its peak went 11.6 -> 10.8 GiB."""
+    def drop_stage_outputs(self, keep_logits: bool = False) -> None:
+        """Drops what the stages made that a pair's own checks (real text: HF and the flatbuffers) do not read: the
+        re-authored model, its export programs and the runners over them, and every stage's logits unless kept
+        (a golden update reads them after the run). On the real Gemma 3 270M, the models and programs were 1.1 of
+        the 4.4 GiB held when real text started; the logits are ~0.3 GB a stage (285 positions x 262k vocab)."""
         self.model, self.programs = None, {}
         for stage in (stages.REAUTHORED, stages.EXPORTED):
             self.runners.pop(stage, None)
+        if not keep_logits:
+            self.logits = {}
 
     def gate(self, stage: str, check: str) -> Gate:
         return gate_for(self.options.gates, self.pair, stage, check)
@@ -467,8 +470,10 @@ def unplanned_records(pair: ModelPair, options: RunOptions, planned: set[str]) -
     return out
 
 
-def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None) -> PairReport:
-    """Every planned stage of one pair, compared with the stage it was derived from, then the extra checks."""
+def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None = None,
+                keep_logits: bool = False) -> PairReport:
+    """Every planned stage of one pair, compared with the stage it was derived from, then the extra checks.
+    `keep_logits`: the report's state keeps every stage's logits, which a pair's own checks run without."""
     state = RunState(pair, options)
     report = PairReport(pair.name, [], {}, state.notes, state)
     skipped = dict(pair.skipped_checks)
@@ -499,7 +504,7 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
         for extra in options.extra_checks:
             run_check(extra)
         if pair.extra_checks:
-            state.drop_torch_models()  # nothing from here on reads them: the real model's real text runs without
+            state.drop_stage_outputs(keep_logits)  # nothing from here on reads them
             for extra in map(resolve, pair.extra_checks):
                 run_check(extra)
     state.notes["cache"] = tally

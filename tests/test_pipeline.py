@@ -320,21 +320,27 @@ def test_a_named_recipe_stage_this_run_does_not_convert_is_an_error_not_a_pass(t
 
 
 def test_a_pairs_own_checks_run_after_the_torch_models_are_dropped_and_the_runs_checks_before(pairs, options):
-    """The real model's real text reads the flatbuffers without the re-authored model and its programs held
-    (RunState.drop_torch_models); the run's checks (properties, golden) still see them."""
+    """The real model's real text reads the flatbuffers without the re-authored model, its programs and the
+    stages' logits held (RunState.drop_stage_outputs); the run's checks (properties, golden) still see them, and a
+    golden update (keep_logits) gets the logits after the run."""
     seen = {}
 
     def run_check(state):
-        seen["run"] = (state.model is not None, sorted(state.runners))
+        seen["run"] = (state.model is not None, sorted(state.runners), sorted(state.logits))
         return []
 
     def own_check(state):
-        seen["own"] = (state.model is not None, bool(state.programs), sorted(state.runners))
+        seen["own"] = (state.model is not None, bool(state.programs), sorted(state.runners), sorted(state.logits))
         return []
 
     run_check.name, own_check.name = "run_check", "own_check"
     pair = dataclasses.replace(pairs["tiny_llama"], extra_checks=(own_check,))
-    verify_pair(pair, options.derive(stages=(stages.HF, stages.REAUTHORED, stages.EXPORTED, stages.TFLITE_FLOAT),
-                                     quant=(), extra_checks=(run_check,)))
-    assert seen["run"] == (True, [stages.EXPORTED, stages.REAUTHORED, stages.TFLITE_FLOAT])
-    assert seen["own"] == (False, False, [stages.TFLITE_FLOAT])
+    asked = options.derive(stages=(stages.HF, stages.REAUTHORED, stages.EXPORTED, stages.TFLITE_FLOAT), quant=(),
+                           extra_checks=(run_check,))
+    report = verify_pair(pair, asked)
+    ran = [stages.EXPORTED, stages.HF, stages.REAUTHORED, stages.TFLITE_FLOAT]
+    assert seen["run"] == (True, [stages.EXPORTED, stages.REAUTHORED, stages.TFLITE_FLOAT], ran)
+    assert seen["own"] == (False, False, [stages.TFLITE_FLOAT], [])
+    assert report.state.logits == {}
+    kept = verify_pair(pair, asked, keep_logits=True)
+    assert seen["own"] == (False, False, [stages.TFLITE_FLOAT], ran) and sorted(kept.state.logits) == ran
