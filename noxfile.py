@@ -68,8 +68,9 @@ def verify(session: nox.Session) -> None:
     run(session, "harness", "verify", "--out", "reports/latest", *session.posargs)
 
 
-# Two pytest workers, a test file each at a time (a file's session fixtures are built once): 347 s against
-# 580 s in one process, back to back on a 2-core host, with torch at one thread per worker (tests/conftest.py).
+# Two pytest workers, a test file each at a time (a file's session fixtures are built once; the files that read
+# every pair's verify go together, tests/conftest.py): 347 s against 580 s in one process, back to back on a
+# 2-core host, with torch at one thread per worker (tests/conftest.py).
 TEST_WORKERS = ("-n", "2", "--dist", "loadfile")
 
 

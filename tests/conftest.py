@@ -29,6 +29,26 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run real-model tests (minutes, GiBs)")
 
 
+# Test files that read the session's verify of every pair (pair_report) go to one worker together: apart, each
+# worker verified all ten pairs (measured: ~10 s a pair, both files paying it, 2026-12-05).
+PAIR_REPORT_FILES = ("test_models.py", "test_properties.py", "test_golden_compare.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (nox -s tests), with PAIR_REPORT_FILES one unit. (pytest-xdist's own `loadgroup` does not
+    group under pytest 9: the group it appends to a test's id no longer takes.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PairReportsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "pair reports" if Path(file).name in PAIR_REPORT_FILES else file
+
+    return PairReportsTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
         return
