@@ -34,7 +34,7 @@ GREEDY_TEXT = stages.GREEDY_TEXT
 DATA_DIR = Path(__file__).with_name("data")
 CORPUS = ("prose_original.txt", "prose_python.txt", "code_python.txt")
 MIN_WINDOW = 32  # a document's tail shorter than this is not a window of its own
-ROWS = 64  # positions per float64 softmax: bounds the memory of one step to ~0.5 GiB at 262k vocab
+ROWS = 16  # positions per float64 softmax: ~0.2 GiB a step at 262k vocab (64: real text peaked 0.2 GiB higher, 20% slower)
 
 
 def corpus() -> dict[str, str]:
@@ -160,15 +160,14 @@ def _references(names: list[str]) -> dict[str, str | None]:
 
 
 def reading_passes(names: list[str]) -> list[list[str]]:
-    """The stages that read the corpus together: HF, float and the first recipe, then each further recipe alone.
+    """The stages that read the corpus together: HF and float, then each recipe alone.
 
-    One XNNPack interpreter of the real model holds 1-7 GiB (weight_only_int8 the most), so at most one quantized
-    interpreter is open at a time, and float is read once: a later recipe's reference rows are float's logits as
-    the first pass wrote them to disk (KeptLogits).
+    One XNNPack interpreter of the real model holds 1-7 GiB (weight_only_int8 the most) and its signatures'
+    buffers ~0.4 GiB each, so at most one is open at a time: a recipe's reference rows are float's logits as the
+    first pass wrote them to disk (KeptLogits), and float is read once.
     """
     first = [n for n in names if n in (stages.HF, stages.TFLITE_FLOAT)]
-    recipes = [n for n in names if n not in first]
-    return [first + recipes[:1], *([recipe] for recipe in recipes[1:])]
+    return [first, *([name] for name in names if name not in first)]
 
 
 class KeptLogits:

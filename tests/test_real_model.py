@@ -201,18 +201,18 @@ def test_perplexity_fails_a_noisy_stage(tiny_llama, tiny_hf):
     assert "mean_kl" in noisy.message and "top1" in noisy.message
 
 
-def test_later_recipes_read_the_corpus_alone_against_float_as_the_first_pass_kept_it(tiny_llama, tiny_hf, tmp_path,
+def test_each_recipe_reads_the_corpus_alone_against_float_as_the_first_pass_kept_it(tiny_llama, tiny_hf, tmp_path,
                                                                                       monkeypatch):
     recipes = [stages.tflite_stage(r) for r in ("dynamic_int8", "fp16", "weight_only_int8")]
     opened: list = []  # every flatbuffer stand-in: how many are open at once
     runners = {stages.TFLITE_FLOAT: HFRunner(tiny_hf, (8, 16), 64, peers=opened),
                **{name: HFRunner(tiny_hf, (8, 16), 64, noise=1.0 + i, peers=opened) for i, name in enumerate(recipes)}}
     assert realtext.reading_passes([stages.HF, *runners]) == [
-        [stages.HF, stages.TFLITE_FLOAT, recipes[0]], [recipes[1]], [recipes[2]]]
+        [stages.HF, stages.TFLITE_FLOAT], [recipes[0]], [recipes[1]], [recipes[2]]]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where float's logits are kept between passes
     together = {r.stage: r.metrics for r in realtext.perplexity(tiny_llama, tiny_hf, runners, ByteTokenizer(),
                                                                 _text_gates({}), DOCUMENTS)}
-    assert [r.most_open for r in opened] == [2, 2, 1, 1]  # float beside the first recipe; then each recipe alone
+    assert [r.most_open for r in opened] == [1, 1, 1, 1]  # float, then each recipe, alone
     assert not any(r.is_open for r in opened) and not list(tmp_path.iterdir())  # all released, the file removed
     floats_calls = runners[stages.TFLITE_FLOAT].calls
     for i, name in enumerate(recipes):  # each recipe's figures are those of a run with it alone beside float
