@@ -20,3 +20,20 @@ def run_repro(script: Path) -> tuple[str, float, float]:
     assert repro.returncode == 0, repro.stderr[-2000:]
     worst = next(line for line in repro.stdout.splitlines() if line.startswith("worst element"))
     return repro.stdout, float(worst.split("parent ")[1].split(",")[0]), float(worst.split("stage ")[1])
+
+
+def harness_here(*args) -> subprocess.CompletedProcess:
+    """`harness ARGS` in this process (cli.main), for a test of what a run records rather than of its process: a
+    new one spends ~8 s importing torch, TensorFlow and litert-torch again (with --in-process, no other)."""
+    import contextlib
+    import io
+
+    from harness import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["harness", *map(str, args)], code, out.getvalue(), err.getvalue())

@@ -10,6 +10,7 @@ import pytest
 
 from harness import cli, golden
 from harness.config import RunConfig
+from tests.scripts import harness_here
 from tests.test_pipeline import ALL_STAGES, CLEAN_NOT_PASSED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def test_verify_tiny_llama_passes_and_writes_reports(tmp_path, tiny_llama_report
 
 
 def test_broken_pair_exits_1_at_the_right_stage(tmp_path):
-    proc = harness("verify", "--models", "tiny_llama_bad_rope", "--models-dir", str(BROKEN),
-                   "--stages", "hf,reauthored", "--out", str(tmp_path), "--in-process")
+    proc = harness_here("verify", "--models", "tiny_llama_bad_rope", "--models-dir", str(BROKEN),
+                        "--stages", "hf,reauthored", "--out", str(tmp_path), "--in-process")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     found, _ = statuses(tmp_path)
     assert found[("tiny_llama_bad_rope", "reauthored", "logits")] == "fail"
@@ -102,14 +103,14 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, args, fragment):
 def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
     args = ["verify", "--models", "tiny_llama", "--stages", "tflite_float", "--quant", "none",
             "--cache-dir", str(tmp_path / "cache"), "--in-process"]
-    first = harness(*args, "--out", str(tmp_path / "a"))
-    second = harness(*args, "--out", str(tmp_path / "b"))
+    first = harness_here(*args, "--out", str(tmp_path / "a"))
+    second = harness_here(*args, "--out", str(tmp_path / "b"))
     def entries():  # the entry directories and their mtimes (beside each: its lock file)
         return {p: p.stat().st_mtime_ns for kind in ("tflite", "checkpoint")
                 for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()}
 
     shared = entries()
-    forced = harness(*args, "--out", str(tmp_path / "c"), "--no-cache")
+    forced = harness_here(*args, "--out", str(tmp_path / "c"), "--no-cache")
     cache = {}
     for name, proc in (("a", first), ("b", second), ("c", forced)):
         assert proc.returncode == 0, proc.stdout + proc.stderr

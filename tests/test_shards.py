@@ -13,6 +13,7 @@ from harness import report, shards
 from harness.config import RunConfig
 from harness.errors import HarnessError
 from harness.records import CheckResult
+from tests.scripts import harness_here
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = json.loads((ROOT / "reports" / "sample" / "parity.json").read_text())
@@ -95,10 +96,10 @@ def test_a_merged_interrupted_shard_never_reads_pass():
 def test_two_shards_merged_equal_the_unsharded_run(tmp_path):
     """Real runs (hf and reauthored of two pairs): the merged records are the single run's, bit for bit."""
     common = ["verify", "--models", "tiny_llama,smollm2", "--stages", "hf,reauthored", "--in-process"]
-    whole = harness(*common, "--out", str(tmp_path / "whole"))
+    whole = harness_here(*common, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
     for index in (1, 2):
-        part = harness(*common, "--shard", f"{index}/2", "--out", str(tmp_path / f"s{index}"))
+        part = harness_here(*common, "--shard", f"{index}/2", "--out", str(tmp_path / f"s{index}"))
         assert part.returncode == 0, part.stderr[-2000:]
         assert f"shard {index}/2:" in part.stdout
     merged = harness("report", "merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "m"),
