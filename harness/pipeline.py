@@ -170,22 +170,18 @@ def run_reauthored(state: RunState) -> list[CheckResult]:
 
 
 def run_exported(state: RunState) -> list[CheckResult]:
-    """The torch.export programs of the converter's signatures (a tiny pair's from the cache), against the eager model."""
-    from harness.lowering import converter_signatures, export_programs, fits_inline
+    """The torch.export programs of the converter's signatures (through the cache), against the eager model."""
+    from harness.convert import export_key
+    from harness.lowering import converter_signatures
+    from harness.programs import cached_programs
     from harness.runners import ExportedRunner
 
     pair, export, cache = state.pair, state.pair.export, state.options.cache
     signatures = converter_signatures(state.model, export.prefill_lens, export.kv_cache_max)
     with state.timed("export"):
-        if fits_inline(state.model):  # the tiny pairs': cached (a real model's programs would carry its GiBs)
-            from harness.convert import export_key
-            from harness.programs import cached_programs
-
-            entry, state.programs = cached_programs(cache, export_key(pair, state.checkpoint, cache.code_digests()),
-                                                    signatures)
-            state.notes.setdefault("artifacts", {})[stages.EXPORTED] = _provenance(cache, entry)
-        else:
-            state.programs = export_programs(signatures)
+        entry, state.programs = cached_programs(cache, export_key(pair, state.checkpoint, cache.code_digests()),
+                                                signatures)
+    state.notes.setdefault("artifacts", {})[stages.EXPORTED] = _provenance(cache, entry)
     runner = ExportedRunner(state.programs, state.model.config, export.prefill_lens, export.kv_cache_max)
     logits = state.logits[stages.EXPORTED] = state.run_trajectories(stages.EXPORTED, runner)
     return state.compare_with_parent(stages.EXPORTED, stages.REAUTHORED, logits)

@@ -1,11 +1,15 @@
-"""The exported stage's torch.export programs, cached like the other artifacts (~4.5 s of export a tiny pair).
+"""The exported stage's torch.export programs, cached like the other artifacts (~4.5 s of export a tiny pair,
+~50-65 s the real Gemma 3 270M).
 
 torch.export.save refuses two things litert-torch puts in its programs: the attribute tuples of its
 `mark_tensor` nodes, and the pytree context of its KVCache in the programs' input and output specs. So a
 program is saved without them (each attribute replaced by its node's name, the specs with the KVCache as a
 plain list, no example inputs, which hold a KVCache too); they go beside it, pickled, and loading puts them
-back. A loaded program has the same code, node names, module stacks and graph
-signature, and computes the same outputs to the bit (tests/test_programs.py).
+back. Nor does an entry hold the model's weights (a real model's GiBs, once per signature): a program reads
+the exported module's own parameters and buffers, so it is saved with those as meta tensors and read back
+with the module's, as a fresh export has them (the entry's key holds the weights' digest). A loaded program
+has the same code, node names, module stacks, graph signature and weights, and computes the same outputs to
+the bit (tests/test_programs.py).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from harness.errors import HarnessError
+from harness.paths import display_path
 
 PROGRAMS_KIND = "exported"  # the cache's kind for exported programs
 _EXTRAS = "extras.pkl"  # per program: its module call graph's specs and its example inputs
@@ -39,13 +47,28 @@ def _plain(spec):
     return pytree.TreeSpec(spec.type, spec.context, children)
 
 
+def _module_tensors(module) -> dict[str, torch.Tensor]:
+    """The exported module's parameters and buffers by name, as its programs' state dicts name them."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def _meta(tensor: torch.Tensor) -> torch.Tensor:
+    meta = tensor.detach().to("meta")
+    return torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
+
+
 @contextlib.contextmanager
-def _saveable(program):
+def _saveable(program, module):
     """The program as torch.export.save can write it, restored when the block ends; yields what loading restores."""
     mark, signatures = _mark_tensor(), [e.signature for e in program.module_call_graph if e.signature is not None]
     nodes = [(node, node.args) for node in program.graph.nodes
              if node.target is mark and len(node.args) > 5 and node.args[5] is not None]
-    extras = {"attrs": {node.name: args[5] for node, args in nodes},
+    own = _module_tensors(module)
+    weights = {key: tensor for key, tensor in program.state_dict.items()
+               if key in own and own[key].data_ptr() == tensor.data_ptr() and own[key].shape == tensor.shape
+               and own[key].dtype == tensor.dtype}
+    extras = {"attrs": {node.name: args[5] for node, args in nodes}, "weights": sorted(weights),
               "specs": [(s.in_spec, s.out_spec) for s in signatures], "example_inputs": program.example_inputs}
     try:
         for node, args in nodes:
@@ -53,6 +76,8 @@ def _saveable(program):
         for s in signatures:
             s.in_spec, s.out_spec = _plain(s.in_spec), _plain(s.out_spec)
         program.example_inputs = None
+        for key, tensor in weights.items():
+            program.state_dict[key] = _meta(tensor)
         yield extras
     finally:
         for node, args in nodes:
@@ -60,22 +85,32 @@ def _saveable(program):
         for s, (in_spec, out_spec) in zip(signatures, extras["specs"]):
             s.in_spec, s.out_spec = in_spec, out_spec
         program.example_inputs = extras["example_inputs"]
+        program.state_dict.update(weights)
 
 
-def save_programs(out: Path, programs: dict[str, torch.export.ExportedProgram]) -> None:
-    """Each program as <name>.pt2, with what torch.export.save cannot write in extras.pkl."""
+def save_programs(out: Path, programs: dict[str, torch.export.ExportedProgram], modules: dict[str, Any]) -> None:
+    """Each program as <name>.pt2, without its module's weights (`modules`: the exported module by program), with
+    what torch.export.save cannot write in extras.pkl."""
     extras = {}
     for name, program in programs.items():
-        with _saveable(program) as extras[name]:
+        with _saveable(program, modules[name]) as extras[name]:
             torch.export.save(program, Path(out) / f"{name}.pt2")
     (Path(out) / _EXTRAS).write_bytes(pickle.dumps(extras))
 
 
-def load_programs(entry: Path) -> dict[str, torch.export.ExportedProgram]:
-    """The programs save_programs wrote, as they were."""
+def load_programs(entry: Path, modules: dict[str, Any]) -> dict[str, torch.export.ExportedProgram]:
+    """The programs save_programs wrote, as they were, reading `modules`' weights (the exported module by program)."""
     mark, programs = _mark_tensor(), {}
     for name, extras in pickle.loads((Path(entry) / _EXTRAS).read_bytes()).items():
         program = torch.export.load(Path(entry) / f"{name}.pt2")
+        own = _module_tensors(modules[name])
+        for key in extras["weights"]:
+            saved, tensor = program.state_dict[key], own.get(key)
+            if tensor is None or tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+                raise HarnessError(f"cache entry {display_path(entry)}: program {name} reads weight {key} "
+                                   f"{tuple(saved.shape)}, which the model lacks or shapes otherwise; delete the "
+                                   "entry so it is exported again")
+            program.state_dict[key] = tensor
         for node in program.graph.nodes:
             if node.target is mark and node.name in extras["attrs"]:
                 node.args = (*node.args[:5], extras["attrs"][node.name])
@@ -107,5 +142,6 @@ def cached_programs(cache, key: dict, signatures) -> tuple[Path, dict[str, torch
     cold and warm runs give the same records. Returns the entry and the programs by signature name."""
     from harness.lowering import export_programs
 
-    entry = cache.get_or_build(PROGRAMS_KIND, key, lambda out: save_programs(out, export_programs(signatures)))
-    return entry, load_programs(entry)
+    modules = {sig.name: sig.module for sig in signatures}
+    entry = cache.get_or_build(PROGRAMS_KIND, key, lambda out: save_programs(out, export_programs(signatures), modules))
+    return entry, load_programs(entry, modules)
