@@ -48,14 +48,15 @@ def export_key(pair: ModelPair, checkpoint: Path, libraries: dict) -> dict:
                                             programs.save_programs, programs.load_programs])}
 
 
-def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, bodies_of: tuple[str, ...]) -> dict:
+def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, inline_weights: bool,
+                 bodies_of: tuple[str, ...]) -> dict:
     """Everything that affects the lowered StableHLO of the stablehlo stage: the programs it lowers (as cached),
-    the harness's lowering code, and which bodies are kept as lowered."""
+    the harness's lowering code, whether weights are inlined, and which bodies are kept as lowered."""
     from harness import lowering
 
     return {**export_key(pair, checkpoint, libraries),
             "lowering_code": describe([lowering.lower_programs, lowering.save_lowered, lowering.load_lowered]),
-            "inline_weights": True, "bodies_of": list(bodies_of)}
+            "inline_weights": inline_weights, "bodies_of": list(bodies_of)}
 
 
 def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True,

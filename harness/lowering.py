@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.errors import HarnessError
+from harness.paths import display_path
 from harness.runners import KVLayers, Runner
 
 
@@ -231,23 +233,33 @@ def _signature_from(data: dict):
         InputSpec.VariableType(spec["type"]), spec["i"], spec["name"]))
 
 
-def save_lowered(out, lowered: dict, resolved: dict, bodies: dict) -> None:
-    """Writes what lower_programs returned (weights inlined: no state dict) as bytecode and JSON."""
+def _program_tensors(program) -> dict[str, torch.Tensor]:
+    return {**program.state_dict, **program.constants}
+
+
+def save_lowered(out, lowered: dict, resolved: dict, bodies: dict, programs: dict) -> None:
+    """Writes what lower_programs returned as bytecode and JSON. A module with its weights as arguments reads
+    its program's own parameters and constants (`programs`, by signature name): their names are written, not
+    their data, and load_lowered takes them from the programs again."""
     modules = {**{name: ("lowered", m) for name, m in lowered.items()},
                **{f"{name}.as_lowered": ("bodies", m) for name, m in bodies.items()}}
     index = {"resolved": resolved, "modules": {}}
     for file, (group, module) in modules.items():
-        if module.state_dict:
-            raise ValueError("only modules with their weights inlined are cached")
+        name = file.removesuffix(".as_lowered")
+        own = _program_tensors(programs[name])
+        for key, tensor in module.state_dict.items():
+            if key not in own or own[key].data_ptr() != tensor.data_ptr():
+                raise ValueError(f"module {file} reads {key}, which is not its program's own tensor: not cached")
         (Path(out) / f"{file}.mlirbc").write_bytes(module.module_bytecode)
-        index["modules"][file] = {"group": group, "name": file.removesuffix(".as_lowered"),
+        index["modules"][file] = {"group": group, "name": name, "weights": list(module.state_dict),
                                   "inputs": [_signature_json(s) for s in module.input_signature],
                                   "outputs": [_signature_json(s) for s in module.output_signature]}
     (Path(out) / _SIGNATURES).write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
-def load_lowered(entry):
-    """lower_programs' (lowered, resolved, bodies) from a cache entry save_lowered wrote."""
+def load_lowered(entry, programs: dict):
+    """lower_programs' (lowered, resolved, bodies) from a cache entry save_lowered wrote, a module's weights
+    taken from its program in `programs` (as lowering them would)."""
     from litert_converter.mlir import ir
     from litert_torch.backend import export_utils
     from litert_torch.backend.export import MlirLowered
@@ -258,19 +270,33 @@ def load_lowered(entry):
         context = export_utils.create_ir_context()
         with context:
             module = ir.Module.parse((Path(entry) / f"{file}.mlirbc").read_bytes())
+        inputs = [_signature_from(s) for s in meta["inputs"]]
+        own, weights = _program_tensors(programs[meta["name"]]), {}
+        for sig in inputs:
+            if sig.input_spec.is_parameter:
+                key = sig.input_spec.name
+                tensor = own.get(key)
+                if tensor is None or tuple(tensor.shape) != tuple(sig.shape) or tensor.dtype != sig.dtype:
+                    raise HarnessError(f"cache entry {display_path(entry)}: module {file} takes weight {key} "
+                                       f"{tuple(sig.shape)}, which its program lacks or shapes otherwise; delete "
+                                       "the entry so it is lowered again")
+                weights[key] = tensor
+        if sorted(weights) != sorted(meta["weights"]):
+            raise HarnessError(f"cache entry {display_path(entry)}: module {file} lists weights its inputs do not "
+                               "take; delete the entry so it is lowered again")
         groups[meta["group"]][meta["name"]] = MlirLowered(
-            context, module, {}, [_signature_from(s) for s in meta["inputs"]],
-            [_signature_from(s) for s in meta["outputs"]])
+            context, module, weights, inputs, [_signature_from(s) for s in meta["outputs"]])
     return groups["lowered"], index["resolved"], groups["bodies"]
 
 
-def cached_lowering(cache, key: dict, programs: dict, bodies_of: tuple[str, ...]):
-    """lower_programs with weights inlined, through the cache: a hit skips the FX passes and MLIR lowering
-    (~4 s a tiny pair), and what runs is always what the entry holds. A miss lowers `programs` in place,
-    as lower_programs does. Returns the entry and lower_programs' (lowered, resolved, bodies)."""
+def cached_lowering(cache, key: dict, programs: dict, inline_weights: bool, bodies_of: tuple[str, ...]):
+    """lower_programs through the cache: a hit skips the FX passes and MLIR lowering (~4 s a tiny pair, ~55 s
+    the real Gemma 3 270M's weights-as-arguments modules), and what runs is always what the entry holds. A miss
+    lowers `programs` in place, as lower_programs does. Returns the entry and lower_programs' (lowered, resolved,
+    bodies)."""
     entry = cache.get_or_build(STABLEHLO_KIND, key, lambda out: save_lowered(
-        out, *lower_programs(programs, inline_weights=True, bodies_of=bodies_of)))
-    return entry, load_lowered(entry)
+        out, *lower_programs(programs, inline_weights=inline_weights, bodies_of=bodies_of), programs))
+    return entry, load_lowered(entry, programs)
 
 
 # XlaCallModule receives the module as text inside a protobuf, which caps at 2 GiB; the

@@ -190,24 +190,18 @@ def run_exported(state: RunState) -> list[CheckResult]:
 def run_stablehlo(state: RunState) -> list[CheckResult]:
     """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
     what the composite bodies as lowered would change (composite_body)."""
-    from harness.lowering import StableHLORunner, custom_calls, fits_inline, lower_programs, share_weights
+    from harness.convert import lowering_key
+    from harness.lowering import StableHLORunner, cached_lowering, custom_calls, fits_inline, share_weights
     from harness.runners import signature_for
 
-    pair, export = state.pair, state.pair.export
+    pair, export, cache = state.pair, state.pair.export, state.options.cache
     inline = fits_inline(state.model)
     first = state.trajectories[0]
     probe = f"prefill_{signature_for(first.prompt_len, export.prefill_lens)}"
-    if inline:  # the tiny pairs': cached (a real model's module would carry its GiBs of weights)
-        from harness.convert import lowering_key
-        from harness.lowering import cached_lowering
-
-        key = lowering_key(pair, state.checkpoint, state.options.cache.code_digests(), (probe,))
-        with state.timed("lowering"):
-            entry, (lowered, resolved, bodies) = cached_lowering(state.options.cache, key, state.programs, (probe,))
-        state.notes.setdefault("artifacts", {})[stages.STABLEHLO] = _provenance(state.options.cache, entry)
-    else:
-        with state.timed("lowering"):
-            lowered, resolved, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=(probe,))
+    key = lowering_key(pair, state.checkpoint, cache.code_digests(), inline, (probe,))
+    with state.timed("lowering"):
+        entry, (lowered, resolved, bodies) = cached_lowering(cache, key, state.programs, inline, (probe,))
+    state.notes.setdefault("artifacts", {})[stages.STABLEHLO] = _provenance(cache, entry)
     state.notes["stablehlo_markers_resolved"] = resolved
     state.notes["stablehlo_weights"] = "inlined as constants" if inline else (
         "function arguments: inlined, the module would pass XlaCallModule's 2 GiB limit")

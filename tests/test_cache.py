@@ -124,14 +124,16 @@ def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, m
     from harness.convert import artifact_key, lowering_key
 
     checkpoint = reference_checkpoint(tiny_llama, cache)
-    before = lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_8",))
-    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_16",))) != cache_key(before)
+    before = lowering_key(tiny_llama, checkpoint, cache.code_digests(), True, ("prefill_8",))
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), True, ("prefill_16",))) != cache_key(before)
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), False, ("prefill_8",))) != cache_key(
+        before)  # weights as arguments
 
     def resolve_tensor_markers(module, composites=True):  # other code under the same name
         return {}
 
     monkeypatch.setattr(lowering, "resolve_tensor_markers", resolve_tensor_markers)
-    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), ("prefill_8",))) != cache_key(before)
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), True, ("prefill_8",))) != cache_key(before)
     # The builder's loader shapes every artifact: flatbuffer and StableHLO keys both hold it.
     assert "reauthored_loader" in before and "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none",
                                                                                  cache.code_digests())

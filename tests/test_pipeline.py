@@ -253,23 +253,36 @@ def test_modules_too_large_to_inline_are_sized_by_their_distinct_weights():
     assert fits_inline(half)
 
 
-def test_stablehlo_with_weights_as_arguments_shares_them_and_runs_the_same_numbers(tiny_llama, tiny_llama_report):
-    """The lowering a large real model gets (weights fed to XlaCallModule), as the stablehlo stage runs it:
+def test_stablehlo_with_weights_as_arguments_is_cached_shares_them_and_runs_the_same_numbers(
+        tiny_llama, tiny_llama_report, cache, tmp_path):
+    """The lowering a large real model gets (weights fed to XlaCallModule), as the stablehlo stage runs it: cached
+    without its weights, which are read from the programs, cold (a miss) and warm (a hit, a new cache object) alike;
     every signature and the composite-body copy read one TensorFlow variable per weight (share_weights;
     tf_integration alone makes one per weight per module), and the numbers are the inlined lowering's."""
-    from harness.lowering import StableHLORunner, lower_programs, share_weights
+    from harness.cache import ArtifactCache, cache_key
+    from harness.convert import lowering_key
+    from harness.lowering import STABLEHLO_KIND, StableHLORunner, cached_lowering, share_weights
     from harness.runners import run_trajectory
 
     state, export = tiny_llama_report.state, tiny_llama.export
-    lowered, _, bodies = lower_programs(state.programs, inline_weights=False, bodies_of=("prefill_8",))
-    assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
-    modules = [*lowered.values(), *bodies.values()]
-    assert len(modules) == 4
-    weights = {s.input_spec.name for m in modules for s in m.input_signature if s.input_spec.is_parameter}
-    assert share_weights(modules) == len(weights) > 0
-    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
-    for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
-        np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
+    key = lowering_key(tiny_llama, state.checkpoint, cache.code_digests(), False, ("prefill_8",))
+    entry = f"{STABLEHLO_KIND}/{cache_key(key)}"
+    for run in ("cold", "warm"):
+        ours = ArtifactCache(tmp_path / "cache")
+        _, (lowered, _, bodies) = cached_lowering(ours, key, state.programs, False, ("prefill_8",))
+        assert (ours.misses, ours.hits) == (([entry], []) if run == "cold" else ([], [entry]))
+        assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
+        modules = [*lowered.values(), *bodies.values()]
+        assert len(modules) == 4
+        for name, module in [*lowered.items(), *bodies.items()]:
+            program = state.programs[name]
+            assert module.state_dict and all(tensor.data_ptr() == {**program.state_dict, **program.constants}[
+                weight].data_ptr() for weight, tensor in module.state_dict.items()), (run, name)
+        weights = {s.input_spec.name for m in modules for s in m.input_signature if s.input_spec.is_parameter}
+        assert share_weights(modules) == len(weights) > 0
+        runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+        for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
+            np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
 
 
 def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):
