@@ -14,6 +14,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.paths import display_path
+from harness.programs import is_own, weights_read_back
 from harness.runners import KVLayers, Runner
 
 
@@ -248,7 +249,7 @@ def save_lowered(out, lowered: dict, resolved: dict, bodies: dict, programs: dic
         name = file.removesuffix(".as_lowered")
         own = _program_tensors(programs[name])
         for key, tensor in module.state_dict.items():
-            if key not in own or own[key].data_ptr() != tensor.data_ptr():
+            if not is_own(tensor, own.get(key)):
                 raise ValueError(f"module {file} reads {key}, which is not its program's own tensor: not cached")
         (Path(out) / f"{file}.mlirbc").write_bytes(module.module_bytecode)
         index["modules"][file] = {"group": group, "name": name, "weights": list(module.state_dict),
@@ -271,16 +272,9 @@ def load_lowered(entry, programs: dict):
         with context:
             module = ir.Module.parse((Path(entry) / f"{file}.mlirbc").read_bytes())
         inputs = [_signature_from(s) for s in meta["inputs"]]
-        own, weights = _program_tensors(programs[meta["name"]]), {}
-        for sig in inputs:
-            if sig.input_spec.is_parameter:
-                key = sig.input_spec.name
-                tensor = own.get(key)
-                if tensor is None or tuple(tensor.shape) != tuple(sig.shape) or tensor.dtype != sig.dtype:
-                    raise HarnessError(f"cache entry {display_path(entry)}: module {file} takes weight {key} "
-                                       f"{tuple(sig.shape)}, which its program lacks or shapes otherwise; delete "
-                                       "the entry so it is lowered again")
-                weights[key] = tensor
+        weights = weights_read_back(entry, f"module {file}", {s.input_spec.name: (s.shape, s.dtype) for s in inputs
+                                                              if s.input_spec.is_parameter},
+                                    _program_tensors(programs[meta["name"]]))
         if sorted(weights) != sorted(meta["weights"]):
             raise HarnessError(f"cache entry {display_path(entry)}: module {file} lists weights its inputs do not "
                                "take; delete the entry so it is lowered again")

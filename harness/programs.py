@@ -53,6 +53,26 @@ def _module_tensors(module) -> dict[str, torch.Tensor]:
             **dict(module.named_buffers(remove_duplicate=False))}
 
 
+def is_own(tensor: torch.Tensor, own: torch.Tensor | None) -> bool:
+    """Whether `tensor` is `own` itself (same storage, shape and dtype): a weight an entry may leave out."""
+    return (own is not None and own.data_ptr() == tensor.data_ptr() and own.shape == tensor.shape
+            and own.dtype == tensor.dtype)
+
+
+def weights_read_back(entry: Path, what: str, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights an entry was saved without (`wanted`: name -> shape and dtype), taken from `own`, the tensors
+    they were saved from; one that is missing or shaped otherwise means a damaged or foreign entry."""
+    found = {}
+    for key, (shape, dtype) in wanted.items():
+        tensor = own.get(key)
+        if tensor is None or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise HarnessError(f"cache entry {display_path(entry)}: {what} reads weight {key} {tuple(shape)}, which "
+                               "the model lacks or shapes otherwise; delete the entry so it is built again")
+        found[key] = tensor
+    return found
+
+
 def _meta(tensor: torch.Tensor) -> torch.Tensor:
     meta = tensor.detach().to("meta")
     return torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
@@ -65,9 +85,7 @@ def _saveable(program, module):
     nodes = [(node, node.args) for node in program.graph.nodes
              if node.target is mark and len(node.args) > 5 and node.args[5] is not None]
     own = _module_tensors(module)
-    weights = {key: tensor for key, tensor in program.state_dict.items()
-               if key in own and own[key].data_ptr() == tensor.data_ptr() and own[key].shape == tensor.shape
-               and own[key].dtype == tensor.dtype}
+    weights = {key: tensor for key, tensor in program.state_dict.items() if is_own(tensor, own.get(key))}
     extras = {"attrs": {node.name: args[5] for node, args in nodes}, "weights": sorted(weights),
               "specs": [(s.in_spec, s.out_spec) for s in signatures], "example_inputs": program.example_inputs}
     try:
@@ -103,14 +121,8 @@ def load_programs(entry: Path, modules: dict[str, Any]) -> dict[str, torch.expor
     mark, programs = _mark_tensor(), {}
     for name, extras in pickle.loads((Path(entry) / _EXTRAS).read_bytes()).items():
         program = torch.export.load(Path(entry) / f"{name}.pt2")
-        own = _module_tensors(modules[name])
-        for key in extras["weights"]:
-            saved, tensor = program.state_dict[key], own.get(key)
-            if tensor is None or tensor.shape != saved.shape or tensor.dtype != saved.dtype:
-                raise HarnessError(f"cache entry {display_path(entry)}: program {name} reads weight {key} "
-                                   f"{tuple(saved.shape)}, which the model lacks or shapes otherwise; delete the "
-                                   "entry so it is exported again")
-            program.state_dict[key] = tensor
+        saved = {key: (program.state_dict[key].shape, program.state_dict[key].dtype) for key in extras["weights"]}
+        program.state_dict.update(weights_read_back(entry, f"program {name}", saved, _module_tensors(modules[name])))
         for node in program.graph.nodes:
             if node.target is mark and node.name in extras["attrs"]:
                 node.args = (*node.args[:5], extras["attrs"][node.name])

@@ -1,6 +1,7 @@
 """The pipeline on the tiny pair: clean passes every stage; each injected defect fails the right stage."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -261,7 +262,7 @@ def test_stablehlo_with_weights_as_arguments_is_cached_shares_them_and_runs_the_
     tf_integration alone makes one per weight per module), and the numbers are the inlined lowering's."""
     from harness.cache import ArtifactCache, cache_key
     from harness.convert import lowering_key
-    from harness.lowering import STABLEHLO_KIND, StableHLORunner, cached_lowering, share_weights
+    from harness.lowering import STABLEHLO_KIND, StableHLORunner, cached_lowering, load_lowered, share_weights
     from harness.runners import run_trajectory
 
     state, export = tiny_llama_report.state, tiny_llama.export
@@ -269,7 +270,7 @@ def test_stablehlo_with_weights_as_arguments_is_cached_shares_them_and_runs_the_
     entry = f"{STABLEHLO_KIND}/{cache_key(key)}"
     for run in ("cold", "warm"):
         ours = ArtifactCache(tmp_path / "cache")
-        _, (lowered, _, bodies) = cached_lowering(ours, key, state.programs, False, ("prefill_8",))
+        path, (lowered, _, bodies) = cached_lowering(ours, key, state.programs, False, ("prefill_8",))
         assert (ours.misses, ours.hits) == (([entry], []) if run == "cold" else ([], [entry]))
         assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
         modules = [*lowered.values(), *bodies.values()]
@@ -283,6 +284,9 @@ def test_stablehlo_with_weights_as_arguments_is_cached_shares_them_and_runs_the_
         runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
         for trajectory, inlined in zip(state.trajectories, state.logits[stages.STABLEHLO]):
             np.testing.assert_allclose(run_trajectory(runner, trajectory), inlined, atol=1e-5)
+    weightless = {name: types.SimpleNamespace(state_dict={}, constants={}) for name in state.programs}
+    with pytest.raises(HarnessError, match=r"module \S+ reads weight .*delete the entry"):  # programs of another model
+        load_lowered(path, weightless)
 
 
 def test_the_stage_table_follows_the_catalogue_and_plans_what_a_stage_needs(tiny_llama, options):

@@ -4,11 +4,13 @@ program that was exported, down to what the later stages and localisation read f
 import re
 import zipfile
 
+import pytest
 import torch
 
 from harness.cache import cache_key
 from harness.checkpoint import build_reauthored, reference_checkpoint
 from harness.convert import export_key
+from harness.errors import HarnessError
 from harness.lowering import converter_signatures, export_programs, lower_programs
 from harness.programs import load_programs, save_programs
 
@@ -27,6 +29,8 @@ def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehl
         weights = [i for i in zipfile.ZipFile(archive).infolist() if re.search(r"/data/weights/weight_\d+$", i.filename)]
         assert weights and all(i.file_size == 0 for i in weights), archive.name
     loaded = load_programs(tmp_path, modules)
+    with pytest.raises(HarnessError, match="program prefill_8 reads weight module.final_norm.weight .*delete the entry"):
+        load_programs(tmp_path, {name: torch.nn.Module() for name in modules})  # a model without those weights
     assert list(loaded) == list(exported)
     for sig in signatures:
         ours, theirs = loaded[sig.name], exported[sig.name]
