@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import importlib
 import json
 import os
@@ -231,6 +232,7 @@ def main(argv: list[str]) -> int:
     module, function = HANDLERS.get(job["kind"], job["kind"]).split(":")
     handler = getattr(importlib.import_module(module), function)
     channel = Channel(Path(argv[1]))
+    faulthandler.enable()  # a crash in native code leaves its Python stack in the output the parent keeps
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (a background job
         signal.signal(signal.SIGINT, _interrupt_once)         # of a script): stay as the parent does
     try:
