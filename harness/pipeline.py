@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -86,6 +87,7 @@ class RunState:
     artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # stage -> flatbuffer
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     completed: set[str] = dataclasses.field(default_factory=set)  # stages that ran to their records
+    spilled: Path | None = None  # the directory of what is moved out of memory (spilling), while the run is open
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -108,6 +110,52 @@ class RunState:
         if not keep_logits:
             self.logits = {}
 
+    @contextlib.contextmanager
+    def spilling(self):
+        """Where spill_logits and park_weights put what they move out of memory: a directory of the run's own,
+        removed when the block ends (what was mapped from its files stays readable)."""
+        with tempfile.TemporaryDirectory(prefix="edge-parity-spill-") as directory:
+            self.spilled = Path(directory)
+            try:
+                yield
+            finally:
+                self.spilled = None
+
+    def spill_logits(self) -> None:
+        """Moves every stage's logits to disk after each step: a later stage's comparison and later checks
+        (localisation, goldens) read them mapped back from the file, the same bits, and what they read is dropped
+        by the next call, which maps each file afresh. So no logits are held while a runner is open: on the real
+        Gemma 3 270M they are ~0.3 GB a stage (285 positions x 262k vocab), 2.1 GB by --quant all's last runner."""
+        if self.spilled is None:
+            return
+        try:
+            self.logits = {stage: [_mapped_copy(array, self.spilled, stage) for array in arrays]
+                           for stage, arrays in self.logits.items()}
+        except OSError:  # a full disk: held in memory, as before spilling existed
+            return
+
+    def park_weights(self) -> None:
+        """Maps the re-authored model's weights from a file of the run's own instead of holding them, while steps
+        that run flatbuffers do not read them (1.07 GB on the real Gemma 3 270M). Its parameters and buffers keep
+        their identity (so its programs and runners still read them): only their data is swapped for the mapped
+        copy, the same bits. A step that reads them (a conversion, localisation) pages them back in; parking them
+        again maps the file afresh, which drops those pages."""
+        import torch
+
+        if self.model is None or self.spilled is None:
+            return
+        tensors = self.model.state_dict(keep_vars=True)
+        path = self.spilled / "weights.pt"
+        try:
+            if not path.exists():
+                torch.save({name: tensor.detach() for name, tensor in tensors.items()}, path)
+            mapped = torch.load(path, mmap=True, weights_only=True)
+        except OSError:  # a full disk: held in memory, as before parking existed
+            path.unlink(missing_ok=True)
+            return
+        for name, tensor in tensors.items():
+            tensor.data = mapped[name]
+
     def gate(self, stage: str, check: str) -> Gate:
         return gate_for(self.options.gates, self.pair, stage, check)
 
@@ -122,6 +170,21 @@ class RunState:
         return [checks.compare_logits(self.pair.name, stage, logits, self.logits[parent], self.gate(stage, stages.LOGITS),
                                       parent),
                 checks.compare_greedy(self.pair.name, stage, logits, self.trajectories, self.gate(stage, stages.GREEDY))]
+
+
+def _mapped_copy(array: np.ndarray, directory: Path, stem: str) -> np.ndarray:
+    """`array` mapped read-only from a file in `directory`: mapped afresh from its own file when it is one already
+    (which drops the pages read through the old mapping), else written to a new file, never over one that may be
+    mapped. An empty array stays as it is (it cannot be mapped)."""
+    if array.size == 0:
+        return array
+    if isinstance(array, np.memmap) and Path(array.filename).parent == directory:
+        mapped = np.load(array.filename, mmap_mode="r")
+        if (mapped.shape, mapped.strides, mapped.dtype) == (array.shape, array.strides, array.dtype):
+            return mapped
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f"{stem}.", suffix=".npy", delete=False) as f:
+        np.save(f, array)
+    return np.load(f.name, mmap_mode="r")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +299,7 @@ def _flatbuffer(state: RunState, stage: str, recipe: str) -> list[np.ndarray]:
     state.artifacts[stage] = path
     state.notes.setdefault("artifacts", {})[stage] = _provenance(cache, path.parent, path.name)
     state.notes[f"{stage}_bytes"] = path.stat().st_size
+    state.park_weights()  # while the flatbuffer runs (XNNPack's own copy of the weights is GiBs on a real model)
     runner = TFLiteRunner(path, export.prefill_lens, export.kv_cache_max, state.options.num_threads)
     logits = state.logits[stage] = state.run_trajectories(stage, runner)
     runner.release()  # reopened by a later check that runs it; a real model's holds GiBs
@@ -467,10 +531,11 @@ def verify_pair(pair: ModelPair, options: RunOptions, progress: Progress | None 
     state = RunState(pair, options)
     report = PairReport(pair.name, [], {}, state.notes, state)
     skipped = dict(pair.skipped_checks)
-    with options.cache.scope() as tally:
+    with options.cache.scope() as tally, state.spilling():
         plan = planned_stages(pair, options)
         for spec in plan:
             _run_step(report, state, spec.name, spec.needs, functools.partial(spec.run, state), progress)
+            state.spill_logits()
         planned = {spec.name for spec in plan}
         report.results += unplanned_records(pair, options, planned)
         unasked = left_to_ask(pair, options)

@@ -344,6 +344,8 @@ def test_a_pairs_own_checks_run_after_the_torch_models_are_dropped_and_the_runs_
 
     def run_check(state):
         seen["run"] = (state.model is not None, sorted(state.runners), sorted(state.logits))
+        seen["spilled"] = all(isinstance(a, np.memmap) for arrays in state.logits.values() for a in arrays)
+        seen["parked"] = all(_mapped_file(t) for t in state.model.state_dict().values())
         return []
 
     def own_check(state):
@@ -357,7 +359,73 @@ def test_a_pairs_own_checks_run_after_the_torch_models_are_dropped_and_the_runs_
     report = verify_pair(pair, asked)
     ran = [stages.EXPORTED, stages.HF, stages.REAUTHORED, stages.TFLITE_FLOAT]
     assert seen["run"] == (True, [stages.EXPORTED, stages.REAUTHORED, stages.TFLITE_FLOAT], ran)
+    assert seen["spilled"] and seen["parked"]  # no stage is left to compare with them; the flatbuffer ran parked
     assert seen["own"] == (False, False, [stages.TFLITE_FLOAT], [])
     assert report.state.logits == {}
     kept = verify_pair(pair, asked, keep_logits=True)
     assert seen["own"] == (False, False, [stages.TFLITE_FLOAT], ran) and sorted(kept.state.logits) == ran
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file the tensor's data is mapped from (the kernel's own account, /proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *path = line.split()
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return " ".join(path) if inode != "0" else None
+    return None
+
+
+def test_logits_go_to_disk_after_each_step_and_read_back_the_same(tiny_llama, options):
+    """spill_logits: every stage's logits are mapped back from a file of the run's own, the same bits, mapped afresh
+    at each call (dropping what was read), still readable once the run's directory is gone; an empty array
+    (unmappable) stays as it is, and one put in place of a spilled array gets a file of its own."""
+    from harness.pipeline import RunState
+
+    state = RunState(tiny_llama, options)
+    rng = np.random.default_rng(0)
+    held = [rng.standard_normal((7, 11)).astype(np.float32), np.zeros((0, 11), np.float32)]
+    state.logits = {"stage": held}
+    with state.spilling():
+        state.spill_logits()
+        directory, first = state.spilled, state.logits["stage"][0]
+        assert isinstance(first, np.memmap) and "edge-parity-spill-" in _mapped_file(torch.from_numpy(first))
+        assert state.logits["stage"][1] is held[1]
+        state.spill_logits()
+        again = state.logits["stage"][0]
+        assert again is not first and again.filename == first.filename  # the same file, mapped afresh
+        state.logits["stage"][0] = first[:3]  # a view of a spilled array: written anew, the file under first kept
+        state.spill_logits()
+        assert state.logits["stage"][0].filename != first.filename and np.array_equal(first, held[0])
+    assert not directory.exists() and state.spilled is None
+    assert again.dtype == held[0].dtype and np.array_equal(again, held[0])
+    assert np.array_equal(state.logits["stage"][0], held[0][:3])
+    state.spill_logits()  # outside the block there is nowhere to spill: held as they are
+    assert np.array_equal(state.logits["stage"][0], held[0][:3])
+
+
+def test_parked_weights_keep_their_tensors_and_give_the_same_outputs(tiny_llama, options):
+    """park_weights: every parameter and buffer is the same object, now mapped from a file (tied weights still one
+    storage), and the model and a program exported from it before parking give the same outputs to the bit."""
+    from harness.pipeline import RunState
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as an LM head often is
+    model.register_buffer("scale", torch.full((10,), 0.5))
+    tokens = torch.arange(10)[None]
+    program = torch.export.export(model, (tokens,))
+    before, identities = model(tokens), {name: id(t) for name, t in model.state_dict(keep_vars=True).items()}
+    state = RunState(tiny_llama, options, model=model)
+    with state.spilling():
+        state.park_weights()
+        tensors = model.state_dict(keep_vars=True)
+        assert {name: id(t) for name, t in tensors.items()} == identities
+        assert all("edge-parity-spill-" in (_mapped_file(t) or "") for t in tensors.values())
+        assert model[1].weight.data_ptr() == model[0].weight.data_ptr()
+        assert all(t.data_ptr() == tensors[name].data_ptr() for name, t in program.state_dict.items())  # no copy left
+        first = model[0].weight.data_ptr()
+        state.park_weights()  # again: mapped afresh, which drops the pages the last step read
+        assert model[0].weight.data_ptr() != first
+    assert torch.equal(model(tokens), before) and torch.equal(program.module()(tokens), before)
