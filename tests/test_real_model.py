@@ -226,6 +226,23 @@ def test_each_recipe_reads_the_corpus_alone_against_float_as_the_first_pass_kept
     assert together[recipes[2]]["mean_kl"] > together[recipes[0]]["mean_kl"]  # more noise, more KL: each its own
 
 
+def test_kept_logits_read_back_a_slice_of_rows_at_a_time_the_same_bits(tmp_path):
+    """KeptLogits: each piece as written, read from the file a run of rows at a time (so a recipe's pass holds its
+    reference's rows, not whole 268 MB pieces), the last run cut at the piece's end."""
+    rng = np.random.default_rng(0)
+    written = [rng.standard_normal((37, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)]
+    kept = realtext.KeptLogits(tmp_path / "float.logits")
+    for piece in written:
+        kept.write(piece)
+    for piece, stored in zip(written, kept.read(), strict=True):
+        assert stored.shape == piece.shape
+        runs = [stored[row:row + realtext.ROWS] for row in range(0, len(piece), realtext.ROWS)]
+        assert np.array_equal(np.concatenate(runs), piece) and runs[-1].dtype == piece.dtype
+        assert stored[len(piece):len(piece) + 4].shape == (0, 5)
+    with pytest.raises(ValueError, match="runs of rows"):
+        next(kept.read())[::2]
+
+
 def test_greedy_text_names_the_first_difference(tiny_llama, tiny_hf):
     from harness.workload import greedy_trajectory
 
