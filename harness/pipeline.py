@@ -14,6 +14,7 @@ import functools
 import tempfile
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -88,6 +89,7 @@ class RunState:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     completed: set[str] = dataclasses.field(default_factory=set)  # stages that ran to their records
     spilled: Path | None = None  # the directory of what is moved out of memory (spilling), while the run is open
+    _parked: weakref.ref | None = dataclasses.field(default=None, repr=False)  # the model park_weights saved
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -119,7 +121,7 @@ class RunState:
             try:
                 yield
             finally:
-                self.spilled = None
+                self.spilled, self._parked = None, None
 
     def spill_logits(self) -> None:
         """Moves every stage's logits to disk after each step: a later stage's comparison and later checks
@@ -145,10 +147,11 @@ class RunState:
         if self.model is None or self.spilled is None:
             return
         tensors = self.model.state_dict(keep_vars=True)
-        path = self.spilled / "weights.pt"
+        path = self.spilled / f"weights-{id(self.model)}.pt"  # a model put in this one's place gets its own file
         try:
-            if not path.exists():
+            if self._parked is None or self._parked() is not self.model:
                 torch.save({name: tensor.detach() for name, tensor in tensors.items()}, path)
+                self._parked = weakref.ref(self.model)
             mapped = torch.load(path, mmap=True, weights_only=True)
         except OSError:  # a full disk: held in memory, as before parking existed
             path.unlink(missing_ok=True)

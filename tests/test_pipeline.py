@@ -428,4 +428,8 @@ def test_parked_weights_keep_their_tensors_and_give_the_same_outputs(tiny_llama,
         first = model[0].weight.data_ptr()
         state.park_weights()  # again: mapped afresh, which drops the pages the last step read
         assert model[0].weight.data_ptr() != first
+        other = torch.nn.Linear(3, 3)
+        expected, state.model = other(tokens[:, :3].float()), other  # a model put in its place parks its own weights
+        state.park_weights()
+        assert torch.equal(other(tokens[:, :3].float()), expected) and _mapped_file(other.weight)
     assert torch.equal(model(tokens), before) and torch.equal(program.module()(tokens), before)
