@@ -89,7 +89,7 @@ class RunState:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     completed: set[str] = dataclasses.field(default_factory=set)  # stages that ran to their records
     spilled: Path | None = None  # the directory of what is moved out of memory (spilling), while the run is open
-    _parked: weakref.ref | None = dataclasses.field(default=None, repr=False)  # the model park_weights saved
+    _parked: tuple[weakref.ref, Path] | None = dataclasses.field(default=None, repr=False)  # park_weights' model, file
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -104,8 +104,9 @@ class RunState:
     def drop_stage_outputs(self, keep_logits: bool = False) -> None:
         """Drops what the stages made that a pair's own checks (real text: HF and the flatbuffers) do not read: the
         re-authored model, its export programs and the runners over them, and every stage's logits unless kept
-        (a golden update reads them after the run). On the real Gemma 3 270M, the models and programs were 1.1 of
-        the 4.4 GiB held when real text started; the logits are ~0.3 GB a stage (285 positions x 262k vocab)."""
+        (a golden update reads them after the run). The weights and logits are mapped from files by now
+        (park_weights, spill_logits): dropping them drops those mappings and the pages the run's checks read
+        through them; before that, on the real Gemma 3 270M, they were most of the 4.4 GiB real text started with."""
         self.model, self.programs = None, {}
         for stage in (stages.REAUTHORED, stages.EXPORTED):
             self.runners.pop(stage, None)
@@ -147,14 +148,14 @@ class RunState:
         if self.model is None or self.spilled is None:
             return
         tensors = self.model.state_dict(keep_vars=True)
-        path = self.spilled / f"weights-{id(self.model)}.pt"  # a model put in this one's place gets its own file
         try:
-            if self._parked is None or self._parked() is not self.model:
-                torch.save({name: tensor.detach() for name, tensor in tensors.items()}, path)
-                self._parked = weakref.ref(self.model)
-            mapped = torch.load(path, mmap=True, weights_only=True)
+            if self._parked is None or self._parked[0]() is not self.model:  # a model put in its place: its own file
+                with tempfile.NamedTemporaryFile(dir=self.spilled, prefix="weights.", suffix=".pt", delete=False) as f:
+                    self._parked = None  # until the file is whole
+                    torch.save({name: tensor.detach() for name, tensor in tensors.items()}, f)
+                self._parked = (weakref.ref(self.model), Path(f.name))
+            mapped = torch.load(self._parked[1], mmap=True, weights_only=True)
         except OSError:  # a full disk: held in memory, as before parking existed
-            path.unlink(missing_ok=True)
             return
         for name, tensor in tensors.items():
             tensor.data = mapped[name]
