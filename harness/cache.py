@@ -55,14 +55,20 @@ class ArtifactCache:
     """Artifacts live in <root>/<kind>/<key>/ with their key parts (key.json) and file digests (manifest.json).
 
     `shared=False` (what --no-cache gives) builds every artifact afresh in a private directory that is
-    removed by `close()`: nothing it builds can replace or poison an entry of the shared cache.
+    removed by `close()`: nothing it builds can replace or poison an entry of the shared cache. A private cache
+    may `borrow` kinds: it is served the shared cache's entries of those kinds (checked as any hit), so a test
+    that patches the lowering or the converter reuses the checkpoint and programs its patch cannot shape; what it
+    builds still stays private.
     """
 
-    def __init__(self, root: Path | None = None, shared: bool = True):
+    def __init__(self, root: Path | None = None, shared: bool = True, borrow: tuple[str, ...] = ()):
         from harness.config import default_cache_dir
 
+        if shared and borrow:
+            raise ValueError("only a private cache (shared=False) borrows from the shared one")
         self.root = Path(root) if root else Path(default_cache_dir())
         self.shared = shared
+        self.borrow = tuple(borrow)
         self._private = None if shared else Path(tempfile.mkdtemp(prefix="edge-parity-private-"))
         self.hits: list[str] = []
         self.misses: list[str] = []
@@ -82,9 +88,12 @@ class ArtifactCache:
         return library_code(memo)
 
     def lookup(self, kind: str, parts: dict[str, Any]) -> Path | None:
-        """The entry's directory if it exists and its files match their manifest; None otherwise."""
+        """The entry's directory if it exists and its files match their manifest (a borrowed kind's from the shared
+        cache if it holds it); None otherwise."""
         key = cache_key(parts)
         name, entry = f"{kind}/{key}", self.store / kind / key
+        if kind in self.borrow and not (entry / KEY_FILE).exists():
+            entry = self.root / kind / key
         if not (entry / KEY_FILE).exists():
             return None
         manifest = self._read_manifest(entry)
@@ -112,9 +121,10 @@ class ArtifactCache:
     def _get_or_build(self, kind: str, parts: dict[str, Any], build: Callable[[Path], None], key: str,
                       final: Path) -> Path:
         name = f"{kind}/{key}"
-        if self.lookup(kind, parts) is not None:
+        found = self.lookup(kind, parts)
+        if found is not None:
             self.hits.append(name)
-            return final
+            return found
         self.misses.append(name)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:

@@ -98,6 +98,26 @@ def test_a_private_cache_never_publishes_nor_replaces_a_shared_entry(tmp_path):
     assert not (tmp_path / "tflite" / cache_key({"k": 2})).exists()
 
 
+def test_a_private_cache_borrows_only_the_kinds_it_names_and_still_never_publishes(tmp_path):
+    shared = ArtifactCache(tmp_path)
+    checkpoint = shared.get_or_build("checkpoint", {"k": 1}, _build("weights"))
+    shared.get_or_build("tflite", {"k": 1}, _build("shared"))
+    with ArtifactCache(tmp_path, shared=False, borrow=("checkpoint",)) as private:
+        assert private.get_or_build("checkpoint", {"k": 1}, _build("rebuilt")) == checkpoint  # served, not built
+        flatbuffer = private.get_or_build("tflite", {"k": 1}, _build("patched converter's output"))
+        assert (flatbuffer / "artifact.bin").read_text() == "patched converter's output"  # not borrowed: built
+        fresh = private.get_or_build("checkpoint", {"k": 2}, _build("new weights"))  # a miss builds privately
+        assert not str(fresh).startswith(str(tmp_path)) and not str(flatbuffer).startswith(str(tmp_path))
+        (checkpoint / "artifact.bin").write_text("damaged")  # a damaged shared entry is not served, nor repaired
+        rebuilt = private.get_or_build("checkpoint", {"k": 1}, _build("rebuilt"))
+        assert (rebuilt / "artifact.bin").read_text() == "rebuilt" and not str(rebuilt).startswith(str(tmp_path))
+        assert private.hits == [f"checkpoint/{cache_key({'k': 1})}"]
+    assert (checkpoint / "artifact.bin").read_text() == "damaged"
+    assert not (tmp_path / "checkpoint" / cache_key({"k": 2})).exists()
+    with pytest.raises(ValueError, match="only a private cache"):
+        ArtifactCache(tmp_path, borrow=("checkpoint",))
+
+
 def test_keys_hold_no_directory_of_this_machine(tiny_llama, cache):
     """Same inputs, same key in every checkout and environment. A key that held where the libraries are installed
     (the describer read `sysconfig`'s paths) missed in every new clone and CI job: each re-converted everything."""

@@ -102,12 +102,13 @@ def test_too_low_init_std_fails_sensitivity(options):
 # ---------------------------------------------------------------- a declared defect excuses only itself
 
 @pytest.fixture
-def private(options, tmp_path):
+def private(options):
     """The run options with a private cache: a patched lowering must neither be served the shared cache's
-    clean StableHLO nor publish its own."""
+    clean StableHLO nor publish its own. The checkpoint and the exported programs, which it cannot shape, are
+    borrowed from the shared cache."""
     from harness.cache import ArtifactCache
 
-    with ArtifactCache(tmp_path / "cache", shared=False) as cache:
+    with ArtifactCache(options.cache.root, shared=False, borrow=("checkpoint", "exported")) as cache:
         yield options.derive(cache=cache)
 
 
