@@ -80,8 +80,9 @@ class Sides:
 
 
 def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None, flatbuffer: Path | None = None) -> Sides:
-    """Both sides of `stage` on prompt `prompt` (every position but the last, as the stages run it); for
-    tflite_float, `flatbuffer` if given (a reproduction's own copy), else the pair's from the cache."""
+    """Both sides of `stage` on prompt `prompt` (every position but the last, as the stages run it). The exported
+    programs and the float flatbuffer are the cache's (built into it on a miss), as the stages ran them; for
+    tflite_float, `flatbuffer` if given (a reproduction's own copy)."""
     tokens = check_prompt(pair, prompt)
     from harness.cache import ArtifactCache
     from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
@@ -95,9 +96,12 @@ def rebuild(pair, prompt: int, stage: str = stages.REAUTHORED, cache=None, flatb
     trajectory, _ = greedy_trajectory(hf_model, tokens, pair.workload.new_tokens)
     programs = None
     if stage in (stages.EXPORTED, stages.STABLEHLO):
-        from harness.lowering import converter_signatures, export_programs
+        from harness.convert import export_key
+        from harness.lowering import converter_signatures
+        from harness.programs import cached_programs
 
-        programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
+        signatures = converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max)
+        _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests()), signatures)
     if stage == stages.TFLITE_FLOAT and flatbuffer is None:  # from the cache, or converted once into it
         from harness.convert import FLOAT, convert
 
