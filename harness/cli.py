@@ -315,11 +315,13 @@ def cmd_affected(args) -> int:
 def cmd_report(args) -> int:
     """`report merge`: the shards' documents as one, written as verify writes its reports."""
     from harness import junit, report, shards
+    from harness.cache import ArtifactCache
+    from harness.config import default_cache_dir
 
     out = Path(args.out)
     cfg.check_writable(out)
     document = shards.merge([shards.read_document(Path(d)) for d in args.dirs], _registry(args.models_dirs)[0])
-    report.write_reports(out, document, final=True)
+    report.write_reports(out, document, final=True, figures=ArtifactCache(Path(default_cache_dir())))
     if args.junit:
         report.write_report(Path(args.junit), junit.render_junit(document))
     print(report.render_summary(document, fmt="simple"))

@@ -4,6 +4,11 @@ The matrix as summary.md has it, then a section per pair: a plot of every gated 
 gate (1 is the gate; a bar past it failed), so where along the stages a pair starts to drift is visible at
 a glance; the logit error along the positions per stage (where it departs); the quantized stages' KL
 distributions; and the pair's full table. Plots are PNGs embedded as data URIs.
+
+A plot is a function of its pair's records and the code that draws it, and drawing one takes ~0.3 s (10 s of a
+ten-pair page, a seventh of a warm default verify), so a run with the shared cache keeps each plot there, keyed
+by those records, this module's plotting code and matplotlib's version: a pair whose records did not move is not
+drawn again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from harness import stages, summary
 from harness.records import ERROR, FAIL, NOT_RUN, PASS, XFAIL
 
 REPORT_HTML = "report.html"
+FIGURES_KIND = "figures"  # the cache's kind for plots
+FIGURE_FILE = "figure.png"  # an entry's plot; empty when the records give none
 COLOURS = {PASS: "#3a7d44", FAIL: "#c0392b", ERROR: "#8e44ad", XFAIL: "#d68910", NOT_RUN: "#7f8c8d"}
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
@@ -107,6 +114,29 @@ def plot_kl(model: str, records: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
+def figure(plot, model: str, records: list[dict[str, Any]], cache=None) -> str | None:
+    """`plot(model, records)`, from the cache when it holds this plot of these records (drawn into it on a miss).
+    A cache that cannot be written (read-only, full) only costs the drawing."""
+    if cache is None:
+        return plot(model, records)
+    from importlib.metadata import version
+
+    from harness.pairs import describe
+
+    code = [plot, _png, _pyplot, summary.worst_metric, summary.closeness]  # what draws it (describe skips modules)
+    key = {"plot": describe(code), "matplotlib": version("matplotlib"), "model": model, "records": records}
+
+    def draw(out):
+        png = plot(model, records)
+        (out / FIGURE_FILE).write_bytes(base64.b64decode(png) if png else b"")
+
+    try:
+        png = (cache.get_or_build(FIGURES_KIND, key, draw) / FIGURE_FILE).read_bytes()
+    except OSError:
+        return plot(model, records)
+    return base64.b64encode(png).decode() if png else None
+
+
 def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(f"<tr class=\"{(classes or [''] * len(rows))[i]}\">"
@@ -126,8 +156,8 @@ def perf_section(perf: dict[str, Any]) -> str:
             + f"<img alt=\"prefill latency and decode throughput\" src=\"data:image/png;base64,{png}\"></section>")
 
 
-def render_html(document: dict[str, Any], perf: dict[str, Any] | None = None) -> str:
-    """The page; `perf` (perf.json) adds the performance figures."""
+def render_html(document: dict[str, Any], perf: dict[str, Any] | None = None, figures=None) -> str:
+    """The page; `perf` (perf.json) adds the performance figures; `figures`, a shared ArtifactCache, keeps the plots."""
     verdict = summary.overall(document)
     groups = summary.by_pair(document)
     columns = summary.stage_columns(document["results"])
@@ -151,7 +181,7 @@ def render_html(document: dict[str, Any], perf: dict[str, Any] | None = None) ->
                      f"{summary.pair_status(records).upper()}</h2><p>{html.escape(info.get('description', ''))}</p>")
         for title, plot in (("distance to each gate", plot_distances), ("error along the positions", plot_positions),
                             ("quantized KL distribution", plot_kl)):
-            png = plot(model, records)
+            png = figure(plot, model, records, figures)
             if png:
                 parts.append(f"<img alt=\"{html.escape(model)}: {title}\" src=\"data:image/png;base64,{png}\">")
         rows = [[r["stage"], r["check"], r["status"], ", ".join(

@@ -80,9 +80,10 @@ def write_parity(out_dir: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def write_reports(out_dir: Path, document: dict[str, Any], final: bool = False) -> None:
+def write_reports(out_dir: Path, document: dict[str, Any], final: bool = False, figures=None) -> None:
     """parity.json, then summary.md rendered from the same document; when the run is over (`final`),
-    report.html too (its plots take a second or two: not worth redrawing after every pair)."""
+    report.html too (its plots take a second or two: not worth redrawing after every pair), its plots kept in
+    `figures` (a shared ArtifactCache) if given."""
     write_parity(out_dir, document)
     write_summary(out_dir, document)
     if final:
@@ -90,7 +91,7 @@ def write_reports(out_dir: Path, document: dict[str, Any], final: bool = False) 
 
         perf = Path(out_dir) / "perf.json"  # harness bench's, when it wrote to the same directory
         write_report(Path(out_dir) / REPORT_HTML,
-                     render_html(document, json.loads(perf.read_text()) if perf.is_file() else None))
+                     render_html(document, json.loads(perf.read_text()) if perf.is_file() else None, figures))
 
 
 def write_summary(out_dir: Path, document: dict[str, Any]) -> Path:

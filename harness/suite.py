@@ -194,7 +194,7 @@ def run_suite(config: RunConfig, echo: Echo, options: RunOptions | None = None,
                                       "that finished are kept; the rest did not run.")
     else:
         document = document_with(COMPLETE)
-    report.write_reports(out, document, final=True)
+    report.write_reports(out, document, final=True, figures=options.cache if options.cache.shared else None)
     return document
 
 

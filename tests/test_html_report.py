@@ -23,8 +23,16 @@ def planted():
     return doc
 
 
-def test_the_page_is_self_contained_and_leads_with_the_failure():
-    page = html_report.render_html(planted())
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    """A cache of this file's plots: the first page draws every plot, the next ones only those of moved records."""
+    from harness.cache import ArtifactCache
+
+    return ArtifactCache(tmp_path_factory.mktemp("figures"))
+
+
+def test_the_page_is_self_contained_and_leads_with_the_failure(figures):
+    page = html_report.render_html(planted(), figures=figures)
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "nothing fetched at view time"
     assert "<script" not in page
     assert page.count(": distance to each gate\" src=\"data:image/png;base64,") == len(SAMPLE["models"])
@@ -37,7 +45,7 @@ def test_the_page_is_self_contained_and_leads_with_the_failure():
         assert f"<section id=\"{model}\">" in page
 
 
-def test_error_along_positions_and_kl_distributions_are_drawn_when_recorded():
+def test_error_along_positions_and_kl_distributions_are_drawn_when_recorded(figures):
     """A stage's per-position error and a quantized stage's KL percentiles each add their plot to the pair."""
     doc = planted()
     qwen3 = [r for r in doc["results"] if r["model"] == "qwen3"]
@@ -47,7 +55,7 @@ def test_error_along_positions_and_kl_distributions_are_drawn_when_recorded():
             r["metrics"]["worst_prompt"] = 0
         if r["check"] == "quant_accuracy":
             r["metrics"]["kl_percentiles"] = {"0": 1e-7, "50": 1e-4, "99": 3e-3, "100": 1e-2}
-    page = html_report.render_html(doc)
+    page = html_report.render_html(doc, figures=figures)
     section = page.split("<section id=\"qwen3\">")[1].split("</section>")[0]
     assert "qwen3: error along the positions" in section and "qwen3: quantized KL distribution" in section
     assert section.count("data:image/png;base64,") == 3
@@ -66,11 +74,11 @@ def browser():
     return found
 
 
-def test_chromium_renders_it_without_console_errors(tmp_path):
+def test_chromium_renders_it_without_console_errors(tmp_path, figures):
     """A screenshot from headless Chromium, as a reviewer's browser would show the page."""
     chromium = browser()
     page = tmp_path / "report.html"
-    page.write_text(html_report.render_html(planted()))
+    page.write_text(html_report.render_html(planted(), figures=figures))
     shot = tmp_path / "shot.png"
     proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
                            "--v=0", f"--screenshot={shot}", "--window-size=1280,1600", page.as_uri()],
@@ -81,13 +89,35 @@ def test_chromium_renders_it_without_console_errors(tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_perf_figures_join_the_page_when_bench_wrote_beside_it(tmp_path):
+def test_perf_figures_join_the_page_when_bench_wrote_beside_it(tmp_path, figures):
     from harness import report
 
     perf = json.loads((ROOT / "reports" / "sample" / "perf.json").read_text())
     (tmp_path / "perf.json").write_text(json.dumps(perf))
-    report.write_reports(tmp_path, SAMPLE, final=True)
+    report.write_reports(tmp_path, SAMPLE, final=True, figures=figures)
     page = (tmp_path / "report.html").read_text()
     perf_part = page[page.index("<section id=\"perf\">"):]
     assert "tiny_llama" in perf_part and perf_part.count("data:image/png;base64,") == 1
     assert "/root/" not in page and str(Path.home()) not in page  # paths scrubbed as in every report
+
+
+def test_a_plot_is_drawn_once_for_its_records_and_again_when_they_move(tmp_path):
+    """The cache gives the page drawn afresh, byte for byte; a pair whose records moved is drawn again, alone; a
+    cache that cannot be written still gives the page."""
+    from harness.cache import ArtifactCache
+
+    two = {"gemma3", "qwen3"}
+    doc = copy.deepcopy(SAMPLE)
+    doc["models"] = {m: info for m, info in doc["models"].items() if m in two}
+    doc["results"] = [r for r in doc["results"] if r["model"] in two]
+    drawn = html_report.render_html(doc)
+    cache = ArtifactCache(tmp_path / "cache")
+    assert html_report.render_html(doc, figures=cache) == drawn and len(cache.misses) == 6 and not cache.hits
+    assert html_report.render_html(doc, figures=cache) == drawn and len(cache.hits) == 6
+    record = next(r for r in doc["results"] if (r["model"], r["check"]) == ("qwen3", "logits"))
+    record["metrics"]["max_abs_err"] *= 1000
+    moved = html_report.render_html(doc, figures=cache)
+    assert moved == html_report.render_html(doc) != drawn
+    assert len(cache.misses) == 6 + 3 and len(cache.hits) == 6 + 3  # qwen3 drawn again, gemma3 served
+    # /sys refuses every write, even root's (as a read-only file system does)
+    assert html_report.render_html(doc, figures=ArtifactCache(Path("/sys/edge-parity"))) == moved
