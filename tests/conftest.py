@@ -29,24 +29,29 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run real-model tests (minutes, GiBs)")
 
 
-# Test files that read the session's verify of every pair (pair_report) go to one worker together: apart, each
-# worker verified all ten pairs (measured: ~10 s a pair, both files paying it, 2026-12-05).
-PAIR_REPORT_FILES = ("test_models.py", "test_properties.py", "test_golden_compare.py")
+# Test files that share an expensive session fixture go to one worker together: apart, each worker builds it.
+FILES_SHARING_A_FIXTURE = {
+    # the session's verify of every pair (pair_report): ~10 s a pair, both files paying it apart (2026-12-05)
+    "pair reports": ("test_models.py", "test_properties.py", "test_golden_compare.py"),
+    # one small bench of tiny_llama (perf): 14.5 and 15.5 s, once in each file apart (2026-12-06)
+    "perf": ("test_bench_run.py", "test_bench_report.py"),
+}
+_UNIT_OF_FILE = {file: unit for unit, files in FILES_SHARING_A_FIXTURE.items() for file in files}
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile` (nox -s tests), with PAIR_REPORT_FILES one unit. (pytest-xdist's own `loadgroup` does not
-    group under pytest 9: the group it appends to a test's id no longer takes.)"""
+    """`--dist loadfile` (nox -s tests), with each group of FILES_SHARING_A_FIXTURE one unit. (pytest-xdist's own
+    `loadgroup` does not group under pytest 9: the group it appends to a test's id no longer takes.)"""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class PairReportsTogether(LoadFileScheduling):
+    class FixtureSharersTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = super()._split_scope(nodeid)
-            return "pair reports" if Path(file).name in PAIR_REPORT_FILES else file
+            return _UNIT_OF_FILE.get(Path(file).name, file)
 
-    return PairReportsTogether(config, log)
+    return FixtureSharersTogether(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
