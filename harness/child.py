@@ -11,6 +11,7 @@ from the next: `harness verify` runs one pair per child, `harness bench` one mea
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -47,9 +48,36 @@ class ChildFailed(Exception):
     code: int
     tail: list[str]
     partial: dict[str, Any] | None
+    stack: list[str] = dataclasses.field(default_factory=list)  # a native crash's (native_stack), if it left one
+
+    def output(self) -> str:
+        """What the child said last: a native crash's stack (innermost frame first), else its last lines."""
+        if self.stack:
+            return " | ".join(line.strip() for line in self.stack)[:1500]
+        return " | ".join(t for t in self.tail if t.strip())[-1500:]
 
     def __str__(self) -> str:
-        return f"{self.kind} child exited with {self.code}: " + " | ".join(t for t in self.tail if t.strip())[-1500:]
+        return f"{self.kind} child exited with {self.code}: {self.output()}"
+
+
+def native_stack(lines: list[str]) -> list[str]:
+    """faulthandler's report of a native crash in a child's output: its first line and the crashing thread's
+    Python stack, innermost frame first; [] if there is none. (The lines after it list the extension modules
+    loaded, which say nothing of where it crashed.)"""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+    if not starts:
+        return []
+    report = lines[starts[-1]:]
+    heads = [i for i, line in enumerate(report) if line.startswith("Current thread")] or [
+        i for i, line in enumerate(report) if line.startswith("Thread ")][:1]
+    if not heads:
+        return report[:1]
+    stack = []
+    for line in report[heads[0] + 1:]:
+        if not line.strip():
+            break
+        stack.append(line)
+    return [report[0], report[heads[0]], *stack]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -163,14 +191,14 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
         proc = _start(job_path, result_path, env, forked)
         with _running_lock:
             _running.add(proc)
-        tail: list[str] = []
+        output: collections.deque[str] = collections.deque(maxlen=400)  # room for a crash's stacks of every thread
         try:
             for line in proc.stdout:
                 if line.startswith(EVENT):
                     if on_event:
                         on_event(json.loads(line[len(EVENT):]))
                 else:
-                    tail = (tail + [line.rstrip("\n")])[-15:]
+                    output.append(line.rstrip("\n"))
             code = proc.wait(timeout=timeout)
         except KeyboardInterrupt:
             _stop(proc)
@@ -186,7 +214,8 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
         written = _read(result_path)
     if code == 0 and written is not None and not written.get("partial"):
         return written["result"]
-    raise ChildFailed(kind, code, tail, written["result"] if written else None)
+    raise ChildFailed(kind, code, list(output)[-15:], written["result"] if written else None,
+                      native_stack(list(output)))
 
 
 def _read(result_path: Path) -> dict[str, Any] | None:

@@ -118,8 +118,8 @@ def run_isolated(config: RunConfig, pair: ModelPair, options: RunOptions, echo: 
         failure = e
     done = report_from_json(failure.partial or _empty_report(pair.name))
     stage = _current_stage(pair, options, done)
-    message = (f"the process verifying {pair.name} died with exit code {failure.code} during {stage}; last output: "
-               + scrub(" | ".join(t for t in failure.tail if t.strip()))[-1500:])
+    message = (f"the process verifying {pair.name} died with exit code {failure.code} during {stage}; "
+               + ("where it crashed: " if failure.stack else "last output: ") + scrub(failure.output()))
     return dataclasses.replace(done, results=done.results + [
         CheckResult(pair.name, stage, stages.STAGE_RUN, ERROR, message=message)])
 

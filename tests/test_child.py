@@ -66,7 +66,35 @@ def test_a_forked_child_that_dies_keeps_what_it_saved_and_the_server_goes_on(for
     with pytest.raises(child.ChildFailed) as crashed:
         child.run("tests.child_jobs:segfaults", {}, forked=True)
     assert crashed.value.code == -11 and crashed.value.partial == {"done": ["before the crash"]}
+    assert _crashed_in_segfaults(crashed.value)
     assert child.run("tests.child_jobs:echo", {"value": 1, "events": 0}, forked=True) == {"echo": 1}
+
+
+def _crashed_in_segfaults(failure: child.ChildFailed) -> bool:
+    """The failure says where the child crashed: faulthandler's first line, then the job's frame first."""
+    first, thread, innermost = failure.stack[:3]
+    return (first.startswith("Fatal Python error: Segmentation fault") and thread.startswith("Current thread")
+            and 'child_jobs.py", line' in innermost and innermost.endswith(" in segfaults")
+            and str(failure).startswith("tests.child_jobs:segfaults child exited with -11: Fatal Python error"))
+
+
+def test_a_child_that_crashes_in_native_code_says_where():
+    with pytest.raises(child.ChildFailed) as crashed:
+        child.run("tests.child_jobs:segfaults", {}, env=ENV)
+    assert crashed.value.code == -11 and _crashed_in_segfaults(crashed.value)
+
+
+def test_the_crashing_threads_stack_is_taken_from_faulthandlers_report():
+    output = ["some progress", "Fatal Python error: Segmentation fault", "",
+              "Thread 0x01 (most recent call first):", '  File "a.py", line 1 in waits', "",
+              "Current thread 0x02 (most recent call first):", '  File "b.py", line 7 in crashes',
+              '  File "b.py", line 9 in <module>', "", "Extension modules: numpy (total: 1)"]
+    assert child.native_stack(output) == ["Fatal Python error: Segmentation fault",
+                                          "Current thread 0x02 (most recent call first):",
+                                          '  File "b.py", line 7 in crashes', '  File "b.py", line 9 in <module>']
+    alone = ["Fatal Python error: Aborted", "", "Thread 0x03 (most recent call first):", '  File "c.py", line 2 in f']
+    assert child.native_stack(alone) == [alone[0], alone[2], alone[3]]
+    assert child.native_stack(["Traceback (most recent call last):", "RuntimeError: no crash"]) == []
 
 
 def test_a_failing_forked_job_reports_its_traceback(forking):
