@@ -58,14 +58,15 @@ def test_explain_exported_finds_an_export_only_skew_and_its_repro_shows_it(tmp_p
     assert stage == pytest.approx(parent * 1.01, rel=1e-4)  # the planted skew, exactly
 
 
-def test_explain_stablehlo_finds_a_lowering_only_defect_and_its_repro_shows_it(tmp_path):
+def test_explain_stablehlo_finds_a_lowering_only_defect_and_its_repro_shows_it(tmp_path, capsys):
     """The planted custom op lowered x1.05 lives in its pair file, so the reproduction, run on its own in a new
     process, lowers it the same wrong way."""
     planted = ROOT / "tests" / "fixtures" / "planted_defects"
-    proc = run(["-m", "harness", "explain", "--models", "tiny_llama_lowered_wrong", "--models-dir", str(planted),
-                "--stage", "stablehlo", "--out", str(tmp_path)])
-    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
-    assert "first divergence: stablehlo, layer 1 MLP down projection, position 0 (0.05, tolerance 0.0001)" in proc.stdout
+    code = cli.main(["explain", "--models", "tiny_llama_lowered_wrong", "--models-dir", str(planted),
+                     "--stage", "stablehlo", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "first divergence: stablehlo, layer 1 MLP down projection, position 0 (0.05, tolerance 0.0001)" in out
     script = tmp_path / "repro_tiny_llama_lowered_wrong_stablehlo.py"
     stdout, parent, stage = run_repro(script)
     assert "tiny_llama_lowered_wrong stablehlo at layers.1.mlp.down on prompt 0" in stdout
