@@ -214,8 +214,8 @@ def run(kind: str, payload: dict[str, Any], on_event: Callable[[dict], None] | N
         written = _read(result_path)
     if code == 0 and written is not None and not written.get("partial"):
         return written["result"]
-    raise ChildFailed(kind, code, list(output)[-15:], written["result"] if written else None,
-                      native_stack(list(output)))
+    lines = list(output)
+    raise ChildFailed(kind, code, lines[-15:], written["result"] if written else None, native_stack(lines))
 
 
 def _read(result_path: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ drawn again.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from typing import Any
@@ -114,17 +115,24 @@ def plot_kl(model: str, records: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
+@functools.cache
+def _drawing(plot) -> dict[str, Any]:
+    """What draws `plot`'s figures, for their keys: its code (describe skips modules, so summary's helpers are
+    named) and matplotlib's version. Once per plot, not once per figure."""
+    from importlib.metadata import version
+
+    from harness.pairs import describe
+
+    return {"plot": describe([plot, _png, _pyplot, summary.worst_metric, summary.closeness]),
+            "matplotlib": version("matplotlib")}
+
+
 def figure(plot, model: str, records: list[dict[str, Any]], cache=None) -> str | None:
     """`plot(model, records)`, from the cache when it holds this plot of these records (drawn into it on a miss).
     A cache that cannot be written (read-only, full) only costs the drawing."""
     if cache is None:
         return plot(model, records)
-    from importlib.metadata import version
-
-    from harness.pairs import describe
-
-    code = [plot, _png, _pyplot, summary.worst_metric, summary.closeness]  # what draws it (describe skips modules)
-    key = {"plot": describe(code), "matplotlib": version("matplotlib"), "model": model, "records": records}
+    key = {**_drawing(plot), "model": model, "records": records}
 
     def draw(out):
         png = plot(model, records)

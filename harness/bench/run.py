@@ -149,8 +149,7 @@ def run_job(job: dict, timeout: float = 3600) -> dict:
     try:
         return child.run(f"bench_{job['kind']}", job, timeout=timeout)
     except child.ChildFailed as failure:
-        raise RuntimeError(f"bench job {job['kind']} exited with {failure.code}: "
-                           + " | ".join(t for t in failure.tail if t.strip())[-1500:]) from None
+        raise RuntimeError(f"bench job {job['kind']} exited with {failure.code}: {failure.output()}") from None
 
 
 def run_engine_job(job: dict) -> dict:
