@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from harness import stages
+from harness import child, stages
 from harness.cache import ArtifactCache, file_digest
 from harness.errors import HarnessError
 from harness.pairs import ExpectedFailure, ModelPair, describe
@@ -198,7 +198,7 @@ def build_bundle(flatbuffer: Path, tokenizer: Path, settings: BundleSettings, ca
     from litert_torch.generative.utilities import litertlm_builder
 
     def build(out: Path) -> None:
-        with tempfile.TemporaryDirectory() as work:
+        with tempfile.TemporaryDirectory(dir=child.scratch()) as work:
             litertlm_builder.build_litertlm(
                 str(flatbuffer), work, work, settings.context_length, hf_tokenizer_model_path=str(tokenizer),
                 start_token_id=settings.start_token_id, stop_token_ids=list(settings.stop_token_ids),
@@ -229,7 +229,7 @@ class EngineJob:
 def run_engine(job: EngineJob) -> dict[str, Any]:
     """Runs `job` in a fresh interpreter (harness.engine_worker) whose log goes to a file: a crash or an
     engine error loses only this stage, and the error carries the engine's own reason from its log."""
-    with tempfile.TemporaryDirectory(prefix="edge-parity-engine-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edge-parity-engine-", dir=child.scratch()) as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "job.json").write_text(json.dumps(dataclasses.asdict(job)))
         log = tmp_path / "engine.log"

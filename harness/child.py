@@ -112,6 +112,16 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, default=str))
 
 
+_scratch: str | None = None  # the running job's directory for temporary files (main() sets it; see scratch())
+
+
+def scratch() -> str | None:
+    """Where a job's temporary files go (tempfile's `dir=`): a directory inside the job's own, which the parent
+    removes when the child has ended, however it ended. Outside a child, None: the system's. A child that is
+    killed (a crash, Ctrl-C past its grace, a timeout) cannot remove its own: the real model's spill is 2.4 GB."""
+    return _scratch
+
+
 _server = None  # the fork server of the innermost forking() block
 _running: set = set()  # the children run() is waiting for, in any thread (stop_running's to stop)
 _running_lock = threading.Lock()
@@ -257,7 +267,10 @@ def stop_running(grace: float = STOP_GRACE_S) -> None:
 
 def main(argv: list[str]) -> int:
     """The child's entry point: runs the job's handler and writes its result."""
+    global _scratch
     job = json.loads(Path(argv[0]).read_text())
+    _scratch = str(Path(argv[0]).parent / "scratch")
+    os.makedirs(_scratch, exist_ok=True)
     module, function = HANDLERS.get(job["kind"], job["kind"]).split(":")
     handler = getattr(importlib.import_module(module), function)
     channel = Channel(Path(argv[1]))
@@ -284,4 +297,6 @@ def _interrupt_once(signum, frame) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from harness import child  # the module jobs import (scratch() reads its state), not this __main__ copy
+
+    sys.exit(child.main(sys.argv[1:]))

@@ -16,7 +16,8 @@ def main(directory: str) -> None:
     with litert_lm.ModelInfo(job["bundle"]) as info:
         context_length = info.max_context_tokens
     # The engine writes its XNNPack cache beside the bundle unless told where; the shared cache stays as built.
-    with tempfile.TemporaryDirectory(prefix="litertlm-cache-") as cache_dir:
+    # In the job's directory, which the parent removes even if this process is killed.
+    with tempfile.TemporaryDirectory(prefix="litertlm-cache-", dir=directory) as cache_dir:
         engine = litert_lm.Engine(job["bundle"], backend=litert_lm.Backend.CPU(thread_count=job["num_threads"]),
                                   cache_dir=cache_dir, activation_data_type=litert_lm.ActivationDataType.FLOAT32)
         with engine:

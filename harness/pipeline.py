@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from harness import checks, stages
+from harness import checks, child, stages
 from harness.cache import ArtifactCache
 from harness.config import RunConfig
 from harness.errors import CheckpointError, HarnessError
@@ -117,7 +117,7 @@ class RunState:
     def spilling(self):
         """Where spill_logits and park_weights put what they move out of memory: a directory of the run's own,
         removed when the block ends (what was mapped from its files stays readable)."""
-        with tempfile.TemporaryDirectory(prefix="edge-parity-spill-") as directory:
+        with tempfile.TemporaryDirectory(prefix="edge-parity-spill-", dir=child.scratch()) as directory:
             self.spilled = Path(directory)
             try:
                 yield
@@ -343,7 +343,7 @@ def run_litertlm(state: RunState, recipe: str | None = None) -> list[CheckResult
     with state.timed("conversion"):
         flatbuffer = convert(pair, state.model, state.checkpoint, recipe or FLOAT, cache, kv_layout="transposed")
     settings = bundle.hf_settings(pair, state.checkpoint)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=child.scratch()) as tmp:
         tokenizer_path = bundle.tokenizer_file(pair, state.checkpoint, Path(tmp))
         with state.timed("bundle"):
             path = bundle.build_bundle(flatbuffer, tokenizer_path, settings, cache)

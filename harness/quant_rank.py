@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness import child
 from harness.divergence import Point
 
 
@@ -81,7 +82,7 @@ def quantized_logits(float_bytes: bytes, recipe: list[dict], pair, trajectories,
     from harness.runners import TFLiteRunner, run_trajectory
 
     quantized = quantize(float_bytes, recipe)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=child.scratch()) as tmp:
         path = Path(tmp) / "model.tflite"
         path.write_bytes(quantized)
         runner = TFLiteRunner(path, pair.export.prefill_lens, pair.export.kv_cache_max, num_threads)

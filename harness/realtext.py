@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from harness import stages
+from harness import child, stages
 from harness.checkpoint import load_hf
 from harness.checks import judged
 from harness.errors import HarnessError
@@ -244,7 +244,7 @@ def perplexity(pair: ModelPair, hf_model, runners: dict[str, Any], tokenizer, ga
                         for name in group:
                             tallies[name].add(source, logp[name], rows, logp[refs[name]] if refs[name] else None)
 
-    with tempfile.TemporaryDirectory(prefix="edge-parity-realtext-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edge-parity-realtext-", dir=child.scratch()) as tmp:
         kept: dict[str, KeptLogits] = {}
         for i, group in enumerate(passes):
             later = [name for g in passes[i + 1:] for name in g]

@@ -29,3 +29,14 @@ def segfaults(payload, channel):
 
     channel.partial({"done": ["before the crash"]})
     os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def dies_holding_a_temporary_file(payload, channel):
+    """Writes a temporary file where jobs keep theirs, says where, and dies without removing it."""
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="spill-", dir=__import__("harness.child").child.scratch())
+    with open(os.path.join(directory, "logits.npy"), "wb") as f:
+        f.write(b"\0" * 1024)
+    channel.event(directory=directory)
+    os.kill(os.getpid(), 9)

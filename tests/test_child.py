@@ -32,6 +32,15 @@ def test_a_child_that_dies_keeps_what_it_saved():
     assert "last words" in failed.value.tail
 
 
+def test_a_killed_childs_temporary_files_are_removed_with_it():
+    events = []
+    with pytest.raises(child.ChildFailed) as failed:
+        child.run("tests.child_jobs:dies_holding_a_temporary_file", {}, on_event=events.append, env=ENV)
+    assert failed.value.code == -9
+    assert "edge-parity-child-" in events[0]["directory"] and not os.path.exists(events[0]["directory"])
+    assert child.scratch() is None  # outside a child: the system's temporary directory
+
+
 def test_an_unknown_kind_is_refused_before_a_process_starts():
     with pytest.raises(ValueError, match="no child handler"):
         child.run("no_such_kind", {})
@@ -67,6 +76,10 @@ def test_a_forked_child_that_dies_keeps_what_it_saved_and_the_server_goes_on(for
         child.run("tests.child_jobs:segfaults", {}, forked=True)
     assert crashed.value.code == -11 and crashed.value.partial == {"done": ["before the crash"]}
     assert _crashed_in_segfaults(crashed.value)
+    events = []
+    with pytest.raises(child.ChildFailed):
+        child.run("tests.child_jobs:dies_holding_a_temporary_file", {}, on_event=events.append, forked=True)
+    assert events and not os.path.exists(events[0]["directory"])
     assert child.run("tests.child_jobs:echo", {"value": 1, "events": 0}, forked=True) == {"echo": 1}
 
 
