@@ -293,6 +293,17 @@ def cached_lowering(cache, key: dict, programs: dict, inline_weights: bool, bodi
     return entry, load_lowered(entry, programs)
 
 
+def stage_lowering(cache, pair, checkpoint: Path, model, programs: dict, bodies_of: tuple[str, ...]):
+    """The stablehlo stage's lowering of a pair's exported programs, through the cache: weights inlined where they
+    fit, composite bodies kept as lowered for `bodies_of`. What the stage runs, and what a test or a tool that
+    needs the same StableHLO reads instead of lowering again. Returns what cached_lowering returns."""
+    from harness.convert import lowering_key
+
+    inline = fits_inline(model)
+    key = lowering_key(pair, checkpoint, cache.code_digests(), inline, tuple(bodies_of))
+    return cached_lowering(cache, key, programs, inline, tuple(bodies_of))
+
+
 # XlaCallModule receives the module as text inside a protobuf, which caps at 2 GiB; the
 # lowered module inlines every weight as a hex literal (two characters per byte).
 XLA_CALL_MODULE_LIMIT = 2**31

@@ -257,17 +257,16 @@ def run_exported(state: RunState) -> list[CheckResult]:
 def run_stablehlo(state: RunState) -> list[CheckResult]:
     """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
     what the composite bodies as lowered would change (composite_body)."""
-    from harness.convert import lowering_key
-    from harness.lowering import StableHLORunner, cached_lowering, custom_calls, fits_inline, share_weights
+    from harness.lowering import StableHLORunner, custom_calls, fits_inline, share_weights, stage_lowering
     from harness.runners import signature_for
 
     pair, export, cache = state.pair, state.pair.export, state.options.cache
     inline = fits_inline(state.model)
     first = state.trajectories[0]
     probe = f"prefill_{signature_for(first.prompt_len, export.prefill_lens)}"
-    key = lowering_key(pair, state.checkpoint, cache.code_digests(), inline, (probe,))
     with state.timed("lowering"):
-        entry, (lowered, resolved, bodies) = cached_lowering(cache, key, state.programs, inline, (probe,))
+        entry, (lowered, resolved, bodies) = stage_lowering(cache, pair, state.checkpoint, state.model,
+                                                            state.programs, (probe,))
     state.notes.setdefault("artifacts", {})[stages.STABLEHLO] = _provenance(cache, entry)
     state.notes["stablehlo_markers_resolved"] = resolved
     state.notes["stablehlo_weights"] = "inlined as constants" if inline else (

@@ -116,11 +116,42 @@ def save_programs(out: Path, programs: dict[str, torch.export.ExportedProgram], 
     (Path(out) / _EXTRAS).write_bytes(pickle.dumps(extras))
 
 
+class _TypingWithHintsRemembered:
+    """The `typing` module as torch.export's deserializer sees it, but get_type_hints answers each question once.
+    The deserializer asks it of the same few schema classes for every node it reads (pytorch/pytorch#196452):
+    11 s of the real Gemma 3 270M's 26 s of loading its three programs. The hints of a class do not change."""
+
+    def __init__(self, typing_module):
+        self._typing, self._hints = typing_module, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._typing, name)
+
+    def get_type_hints(self, obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in self._hints:
+            self._hints[key] = self._typing.get_type_hints(obj, globalns, localns, include_extras)
+        return self._hints[key]
+
+
+@contextlib.contextmanager
+def _type_hints_remembered():
+    from torch._export.serde import serialize
+
+    real = serialize.typing
+    serialize.typing = _TypingWithHintsRemembered(real)
+    try:
+        yield
+    finally:
+        serialize.typing = real
+
+
 def load_programs(entry: Path, modules: dict[str, Any]) -> dict[str, torch.export.ExportedProgram]:
     """The programs save_programs wrote, as they were, reading `modules`' weights (the exported module by program)."""
     mark, programs = _mark_tensor(), {}
     for name, extras in pickle.loads((Path(entry) / _EXTRAS).read_bytes()).items():
-        program = torch.export.load(Path(entry) / f"{name}.pt2")
+        with _type_hints_remembered():
+            program = torch.export.load(Path(entry) / f"{name}.pt2")
         saved = {key: (program.state_dict[key].shape, program.state_dict[key].dtype) for key in extras["weights"]}
         program.state_dict.update(weights_read_back(entry, f"program {name}", saved, _module_tensors(modules[name])))
         for node in program.graph.nodes:

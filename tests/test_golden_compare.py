@@ -171,13 +171,14 @@ def test_the_other_cpus_recording_fails_the_budget_that_cried_wolf(pairs, gates)
 def test_a_tanh_erf_gelu_switch_fails_the_float_golden(pairs, pair_report, options):
     """The drift golden float stages exist to catch: phi2's StableHLO with its GELU bodies as lowered (erf)
     against the golden recorded with the converter's tanh GELU moves by ~7e-4."""
-    from harness.lowering import StableHLORunner, lower_programs
+    from harness.lowering import StableHLORunner, stage_lowering
     from harness.runners import run_trajectory
 
     pair, report = pairs["phi2"], pair_report("phi2")
-    programs = report.state.programs
-    _, _, bodies = lower_programs(programs, bodies_of=tuple(programs))
+    state = report.state
+    _, (_, _, bodies) = stage_lowering(options.cache, pair, state.checkpoint, state.model, state.programs,
+                                       tuple(state.programs))
     runner = StableHLORunner(bodies, pair.export.prefill_lens, pair.export.kv_cache_max)
-    logits = {**report.state.logits, stages.STABLEHLO: [run_trajectory(runner, t) for t in report.state.trajectories]}
-    r = by_stage(golden.GoldenCheck().check(pair, logits, report.state.trajectories, options.gates))[stages.STABLEHLO]
+    logits = {**state.logits, stages.STABLEHLO: [run_trajectory(runner, t) for t in state.trajectories]}
+    r = by_stage(golden.GoldenCheck().check(pair, logits, state.trajectories, options.gates))[stages.STABLEHLO]
     assert r.status == FAIL and r.metrics["max_abs_err"] > 3e-4, r.message

@@ -2,6 +2,7 @@
 program that was exported, down to what the later stages and localisation read from it."""
 
 import re
+import typing
 import zipfile
 
 import pytest
@@ -16,6 +17,7 @@ from harness.programs import load_programs, save_programs
 
 
 def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehlo(pairs, cache, tmp_path):
+    from torch._export.serde import serialize
     from torch.utils import _pytree as pytree
 
     pair = pairs["gemma3"]  # composites with attributes (GELU's approximate), QK norms, two attention kinds
@@ -29,6 +31,7 @@ def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehl
         weights = [i for i in zipfile.ZipFile(archive).infolist() if re.search(r"/data/weights/weight_\d+$", i.filename)]
         assert weights and all(i.file_size == 0 for i in weights), archive.name
     loaded = load_programs(tmp_path, modules)
+    assert serialize.typing is typing  # the loader's faster get_type_hints was torch's for the load only
     with pytest.raises(HarnessError, match="program prefill_8 reads weight module.final_norm.weight .*delete the entry"):
         load_programs(tmp_path, {name: torch.nn.Module() for name in modules})  # a model without those weights
     assert list(loaded) == list(exported)

@@ -20,12 +20,13 @@ PAD = 77  # a real token, so that a leak would move the logits
 
 
 @pytest.fixture(scope="module")
-def runners(tiny_llama, tiny_llama_report):
-    """The real runner of every float stage; StableHLO's is rebuilt, as the pipeline drops it after its stage."""
-    from harness.lowering import StableHLORunner, lower_programs
+def runners(tiny_llama, tiny_llama_report, cache):
+    """The real runner of every float stage; StableHLO's is rebuilt, as the pipeline drops it after its stage,
+    from the stage's lowering (through the cache)."""
+    from harness.lowering import StableHLORunner, stage_lowering
 
     state, export = tiny_llama_report.state, tiny_llama.export
-    lowered, _, _ = lower_programs(state.programs)
+    _, (lowered, _, _) = stage_lowering(cache, tiny_llama, state.checkpoint, state.model, state.programs, ())
     found = {stage: state.runners[stage] for stage in RUNNER_STAGES if stage != stages.STABLEHLO}
     return {**found, stages.STABLEHLO: StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)}
 

@@ -5,34 +5,28 @@ from pathlib import Path
 
 import pytest
 
-from harness import localise, stages
-from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
+from harness import explain, localise, stages
 from harness.divergence import pair_points
-from harness.lowering import converter_signatures, export_programs
 from harness.pairs import scan
 from harness.pipeline import verify_pair
 from harness.stablehlo_points import cut_program, find_nodes
-from harness.workload import greedy_trajectory, make_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = ROOT / "tests" / "fixtures" / "planted_defects"
 
 
 def built(pair, cache):
-    checkpoint = reference_checkpoint(pair, cache)
-    hf_model = load_hf(pair, checkpoint)
-    model, _ = build_reauthored(pair, checkpoint, pair.export.kv_cache_max)
-    programs = export_programs(converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max))
-    return hf_model, model, programs
+    """Both sides on prompt 0, the exported programs the stage ran (the cache's), as `harness explain` has them."""
+    return explain.rebuild(pair, 0, stages.EXPORTED, cache)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "gemma3", "phi3"])  # plain, scaled embedding + QK norm, fused qkv
 def test_a_clean_lowering_diverges_nowhere_at_every_module_boundary(name, pairs, cache, gates):
     pair = pairs[name]
-    hf_model, model, programs = built(pair, cache)
+    sides = built(pair, cache)
+    model = sides.model
     points = pair_points(pair, model)
-    trajectory, _ = greedy_trajectory(hf_model, make_prompts(pair)[0], pair.workload.new_tokens)
-    divergence = localise.localise_stablehlo(pair, model, programs, trajectory.tokens[:-1],
+    divergence = localise.localise_stablehlo(pair, model, sides.programs, sides.tokens,
                                              localise.tolerance(gates, pair, stages.STABLEHLO))
     assert divergence.first is None, localise.describe(divergence)
     matched = {e.point.name for e in divergence.errors}
@@ -42,8 +36,8 @@ def test_a_clean_lowering_diverges_nowhere_at_every_module_boundary(name, pairs,
 
 
 def test_each_point_reads_the_node_its_module_computed_last_or_took_first(tiny_llama, cache):
-    _, model, programs = built(tiny_llama, cache)
-    program = programs["prefill_8"]
+    sides = built(tiny_llama, cache)
+    model, program = sides.model, sides.programs["prefill_8"]
     cut = find_nodes(program, pair_points(tiny_llama, model))
     nodes = {n.name: n for n in program.graph.nodes}
     output = next(n for n in program.graph.nodes if n.op == "output")
