@@ -177,7 +177,8 @@ def measure_engine(job: dict, channel=None) -> dict:
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.WARNING)  # loads the engine's library: not the model's RSS
     rss_before = current_rss_mb()
     backend = litert_lm.Backend.CPU(thread_count=job["threads"])
-    with tempfile.TemporaryDirectory(prefix="litertlm-cache-", dir=child.scratch()) as cache_dir:  # not beside the cached bundle
+    # Not beside the cached bundle; in the job's scratch, which the parent removes even if this child is killed.
+    with tempfile.TemporaryDirectory(prefix="litertlm-cache-", dir=child.scratch()) as cache_dir:
         def run():
             return litert_lm.Benchmark(job["path"], backend, prefill_tokens=job["prefill_tokens"],
                                        decode_tokens=job["decode_tokens"], cache_dir=cache_dir,
