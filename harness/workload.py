@@ -59,13 +59,18 @@ def text_prompts(workload: TextWorkload) -> list[np.ndarray]:
 
 
 def greedy_trajectory(hf_model: torch.nn.Module, prompt: np.ndarray, new_tokens: int) -> tuple[Trajectory, np.ndarray]:
-    """Greedy continuation by the HF reference, and its logits at every position but the last."""
+    """Greedy continuation by the HF reference, and its logits at every position but the last.
+
+    Each step reads the whole sequence again (no KV cache: the reference's hidden states are those of one
+    forward) but takes the head's logits at the last position only (`logits_to_keep=1`): over the real model's
+    262k vocabulary the head of every position was most of the step.
+    """
     import torch
 
     tokens = torch.as_tensor(prompt, dtype=torch.long)[None]
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = hf_model(tokens).logits[0, -1]
+            logits = hf_model(tokens, logits_to_keep=1).logits[0, -1]
             tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
         logits = hf_model(tokens[:, :-1]).logits[0].float().numpy()
     return Trajectory(len(prompt), tokens[0].numpy()), logits

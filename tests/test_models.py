@@ -66,6 +66,17 @@ def test_pair_passes_every_stage(pair_name, pairs, pair_report):
         assert all(defect.excuses(m, record.metrics[m]) for m in defect.band), (record.metrics, defect.band)
 
 
+def test_hfs_greedy_tokens_are_the_argmax_of_its_own_logits(pair_name, pair_report):
+    """HF generates from the head's logits at the last position only (workload.greedy_trajectory); each token
+    it chose must be the argmax of the logits of its one forward over the whole trajectory, which every stage's
+    greedy check is held to."""
+    from harness.workload import greedy_of
+
+    state = pair_report(pair_name).state
+    for logits, trajectory in zip(state.logits[stages.HF], state.trajectories, strict=True):
+        assert np.array_equal(greedy_of(logits, trajectory), trajectory.greedy), pair_name
+
+
 def test_unrelated_or_shuffled_logits_fail_every_quantized_gate(pair_name, pairs, pair_report, gates):
     """Every recipe's budget, applied to logits that have nothing to do with the float flatbuffer's (its own
     logits at shuffled positions, or with the vocabulary permuted), fails: no budget is so loose it passes noise."""
