@@ -5,4 +5,4 @@ from harness.memory import use_huge_pages, use_system_allocator
 __version__ = "0.1.0"
 
 use_system_allocator()  # before any harness module imports TensorFlow
-use_huge_pages()  # read by glibc when each child starts
+use_huge_pages()  # before any harness module imports torch

@@ -20,13 +20,13 @@ TF_SYSTEM_ALLOCATOR = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 
 # glibc maps a block over its mmap threshold (at most 32 MiB) afresh at each malloc and unmaps it at free, so
 # every such block is faulted in again, a 4 KiB page at a time, each page zeroed by the kernel. Real text's
-# float64 softmax of 16 rows over a 262k vocabulary is exactly such a 32 MiB block, a few thousand times a run:
-# the real model's default run took 40.9 M page faults and 215 s of system time (of 384 s wall). With
-# glibc.malloc.hugetlb=1 glibc asks for transparent huge pages (madvise) for them: 3.0 M faults, 123 s of system
-# time, 336 s wall, the same 21 records to the bit. glibc reads it at exec (so it reaches the children this
-# process starts, not this process); where transparent huge pages are "never" it changes nothing.
-GLIBC_TUNABLES = "GLIBC_TUNABLES"
-HUGE_PAGES = "glibc.malloc.hugetlb"
+# float64 softmax of 16 rows over a 262k vocabulary is exactly such a 32 MiB tensor, thousands of times a run:
+# the real model's default run took 40.9 M page faults (measured under py-spy) and 187 s of system time in
+# 354 s. PyTorch's CPU allocator asks for transparent huge pages (2 MiB aligned, madvise) for every tensor of
+# 2 MiB or more when THP_MEM_ALLOC_ENABLE=1, read at its first allocation: measured on that loop, 3.7 M faults
+# and 9.5 s of system time -> 0.24 M and 2.2-3.4 s. Only torch's tensors: glibc.malloc.hugetlb=1 did as much for
+# the loop but backed every process's heap with huge pages, and the test suite took 1.05x as long.
+TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 
 
 def _status_mb(field: str) -> float:
@@ -74,8 +74,7 @@ def use_system_allocator() -> None:
 
 
 def use_huge_pages() -> None:
-    """Has the processes this one starts back large malloc blocks with transparent huge pages (above); a
-    glibc.malloc.hugetlb the user set in GLIBC_TUNABLES wins, and their other tunables are kept."""
-    tunables = os.environ.get(GLIBC_TUNABLES, "")
-    if HUGE_PAGES + "=" not in tunables:
-        os.environ[GLIBC_TUNABLES] = ":".join(filter(None, (tunables, HUGE_PAGES + "=1")))
+    """Has torch back its large tensors with transparent huge pages (above), in this process when called before
+    torch allocates and in the processes it starts; a value the user set wins. Where transparent huge pages are
+    "never" it changes nothing."""
+    os.environ.setdefault(TORCH_HUGE_PAGES, "1")
