@@ -52,11 +52,10 @@ def test_a_user_set_allocator_wins_and_tensorflows_pool_then_keeps_what_it_freed
     assert probe["left_mib"] > 768, probe
 
 
-
-# In a process as a harness process starts it (the package first), and in one it starts: 40 float64 tensors of
-# 48 MiB (over glibc's largest mmap threshold), each written through and freed; the page faults that took.
+# In a fresh process, as every harness process starts (the package, then torch): 40 float64 tensors of 48 MiB
+# (over glibc's largest mmap threshold), each written through and freed; the page faults that took.
 FAULTS = """
-import json, os, resource, sys
+import json, os, resource
 import harness
 import torch
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
