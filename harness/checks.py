@@ -36,7 +36,7 @@ def logit_errors(candidate: list[np.ndarray], reference: list[np.ndarray]) -> di
         nan = bool(np.isnan(row_worst).any())
         pos = int(row_worst.argmax())
         if row_worst[pos] > worst[0] or nan:
-            worst = (float("nan") if nan else float(row_worst.max()), i, pos)
+            worst = (float("nan") if nan else float(row_worst[pos]), i, pos)
         abs_sum += float(err.sum())
         count += err.size
         del err

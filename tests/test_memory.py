@@ -29,14 +29,18 @@ print(json.dumps({"left_mib": current_rss_mb() - start, "allocator": os.environ.
 """ % TF_SYSTEM_ALLOCATOR
 
 
-def held_after_free(env_value: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != TF_SYSTEM_ALLOCATOR}
-    if env_value is not None:
-        env[TF_SYSTEM_ALLOCATOR] = env_value
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["TF_ENABLE_ONEDNN_OPTS"] = "1"
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+def probed(code: str, variable: str, value: str | None, **env_extra: str) -> dict:
+    """The JSON line `code` prints in a fresh process, with `variable` set to `value` (None: left unset)."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def held_after_free(env_value: str | None) -> dict:
+    return probed(PROBE, TF_SYSTEM_ALLOCATOR, env_value, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="1")
 
 
 def test_tensorflow_memory_a_harness_process_frees_goes_back_to_the_os():
@@ -69,18 +73,10 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 PAGES_4K = 40 * (48 << 20) // 4096
 
 
-def faults(setting: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
-    if setting is not None:
-        env[TORCH_HUGE_PAGES] = setting
-    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
                     reason="transparent huge pages are off (or not Linux): the setting changes nothing here")
 def test_a_harness_process_backs_large_tensors_with_huge_pages_and_a_user_setting_wins():
-    ours, theirs = faults(None), faults("0")
+    ours, theirs = probed(FAULTS, TORCH_HUGE_PAGES, None), probed(FAULTS, TORCH_HUGE_PAGES, "0")
     assert (ours["setting"], theirs["setting"]) == ("1", "0")  # set by importing harness; the user's kept
     # With THP "always" both are huge pages and the control cannot tell.
     if "[madvise]" in THP.read_text():
