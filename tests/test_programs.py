@@ -1,8 +1,8 @@
 """The exported stage's programs through the cache (harness/programs.py): a program read back from its entry is the
 program that was exported, down to what the later stages and localisation read from it."""
 
+import json
 import re
-import typing
 import zipfile
 
 import pytest
@@ -13,11 +13,11 @@ from harness.checkpoint import build_reauthored, reference_checkpoint
 from harness.convert import export_key
 from harness.errors import HarnessError
 from harness.lowering import converter_signatures, export_programs, lower_programs
-from harness.programs import load_programs, save_programs
+from harness.programs import _SchemaDecoders, load_programs, save_programs
 
 
 def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehlo(pairs, cache, tmp_path):
-    from torch._export.serde import serialize
+    from torch._export.serde import schema, serialize
     from torch.utils import _pytree as pytree
 
     pair = pairs["gemma3"]  # composites with attributes (GELU's approximate), QK norms, two attention kinds
@@ -30,8 +30,12 @@ def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehl
     for archive in tmp_path.glob("*.pt2"):  # the weights stay out of the entry: their files are empty
         weights = [i for i in zipfile.ZipFile(archive).infolist() if re.search(r"/data/weights/weight_\d+$", i.filename)]
         assert weights and all(i.file_size == 0 for i in weights), archive.name
+    real_decoder = serialize._dict_to_dataclass
     loaded = load_programs(tmp_path, modules)
-    assert serialize.typing is typing  # the loader's faster get_type_hints was torch's for the load only
+    assert serialize._dict_to_dataclass is real_decoder  # the loader's faster decoding was torch's for the load only
+    for archive in tmp_path.glob("*.pt2"):  # and it decodes each program's JSON into what torch's own does
+        program = json.loads(zipfile.ZipFile(archive).read(f"{archive.stem}/models/model.json"))
+        assert _SchemaDecoders(serialize)(schema.ExportedProgram, program) == real_decoder(schema.ExportedProgram, program)
     with pytest.raises(HarnessError, match="program prefill_8 reads weight module.final_norm.weight .*delete the entry"):
         load_programs(tmp_path, {name: torch.nn.Module() for name in modules})  # a model without those weights
     assert list(loaded) == list(exported)
