@@ -32,7 +32,7 @@ def test_a_program_read_back_is_the_exported_one_and_lowers_to_the_same_stablehl
         assert weights and all(i.file_size == 0 for i in weights), archive.name
     real_decoder = serialize._dict_to_dataclass
     loaded = load_programs(tmp_path, modules)
-    assert serialize._dict_to_dataclass is real_decoder  # the loader's faster decoding was torch's for the load only
+    assert serialize._dict_to_dataclass is real_decoder  # the loader's decoder stood in for torch's during the load only
     for archive in tmp_path.glob("*.pt2"):  # and it decodes each program's JSON into what torch's own does
         program = json.loads(zipfile.ZipFile(archive).read(f"{archive.stem}/models/model.json"))
         assert _SchemaDecoders(serialize)(schema.ExportedProgram, program) == real_decoder(schema.ExportedProgram, program)
