@@ -15,6 +15,7 @@ the bit (tests/test_programs.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,20 @@ class _SchemaDecoders:
         return other
 
 
+@functools.cache
+def _process_decoders() -> _SchemaDecoders:
+    """One set of decoders for the process: the schema's types do not change, so neither do their decoders."""
+    from torch._export.serde import serialize
+
+    return _SchemaDecoders(serialize)
+
+
 @contextlib.contextmanager
 def _schema_decoders():
     from torch._export.serde import serialize
 
     real = serialize._dict_to_dataclass
-    serialize._dict_to_dataclass = _SchemaDecoders(serialize)
+    serialize._dict_to_dataclass = _process_decoders()
     try:
         yield
     finally:
