@@ -87,9 +87,9 @@ class ArtifactCache:
         memo = self.root / CODE_DIGESTS if self.shared else None
         return library_code(memo)
 
-    def lookup(self, kind: str, parts: dict[str, Any]) -> Path | None:
+    def lookup(self, kind: str, parts: dict[str, Any], count_hit: bool = False) -> Path | None:
         """The entry's directory if it exists and its files match their manifest (a borrowed kind's from the shared
-        cache if it holds it); None otherwise."""
+        cache if it holds it); None otherwise. `count_hit`: a found entry is used as it is, and tallied a hit."""
         key = cache_key(parts)
         name, entry = f"{kind}/{key}", self.store / kind / key
         if kind in self.borrow and not (entry / KEY_FILE).exists():
@@ -102,6 +102,8 @@ class ArtifactCache:
                 self.rebuilt.append(name)
             return None
         self.served[name] = manifest
+        if count_hit:
+            self.hits.append(name)
         return entry
 
     def get_or_build(self, kind: str, parts: dict[str, Any], build: Callable[[Path], None]) -> Path:

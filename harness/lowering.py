@@ -6,7 +6,10 @@ FX passes and MLIR lowering), so what runs here is what the converter consumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +364,65 @@ def share_weights(modules) -> int:
         module._tf_function = tf.function(tf_integration._wrap_as_tf_func(module, weights),
                                           input_signature=tf_integration._make_input_signatures(module))
     return len(variables)
+
+
+XLA_KIND = "xla"  # the cache's kind for XLA's compiled executables of a stablehlo entry's modules
+_XLA_DIRECTORY_FLAG = "--tf_xla_persistent_cache_directory"
+_xla_directory: Path | None = None  # this process's TensorFlow persistent XLA cache, once set
+
+
+def process_xla_directory() -> Path:
+    """The directory TensorFlow's XLA keeps this process's compiled executables in and looks for them first
+    (TF_XLA_FLAGS --tf_xla_persistent_cache_directory). TensorFlow reads its flags at its first XLA compile, so
+    the flag is set before the stage's first call and then stays for the process; a process that compiled
+    before (a test worker) still runs right, it only compiles again. In a child it lies in the job's scratch
+    directory, which the parent removes."""
+    global _xla_directory
+    if _xla_directory is None:
+        import atexit
+        import tempfile
+
+        from harness import child
+
+        scratch = child.scratch()
+        _xla_directory = Path(tempfile.mkdtemp(prefix="edge-parity-xla-", dir=scratch))
+        if scratch is None:
+            atexit.register(shutil.rmtree, _xla_directory, True)
+        os.environ["TF_XLA_FLAGS"] = " ".join(
+            [*os.environ.get("TF_XLA_FLAGS", "").split(), f"{_XLA_DIRECTORY_FLAG}={_xla_directory}"])
+    return _xla_directory
+
+
+def xla_key(stablehlo_entry: Path) -> dict:
+    """What shapes XLA's executables of a stablehlo entry: its modules (the entry's key holds them and the
+    libraries' code, TensorFlow's XLA included), this CPU (XLA compiles for the host's instructions: an
+    AVX-512 machine's code could not run on an AVX2 one) and the user's XLA flags."""
+    from harness.records import cpu_flags, cpu_model
+
+    flags = [f for f in os.environ.get("TF_XLA_FLAGS", "").split() if not f.startswith(_XLA_DIRECTORY_FLAG)]
+    return {"stablehlo": stablehlo_entry.name, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "tf_xla_flags": flags}
+
+
+@contextlib.contextmanager
+def compiled_executables(cache, stablehlo_entry: Path):
+    """XLA's executables of the entry's modules through the cache, for the calls inside the block: a hit is
+    copied where TensorFlow looks before it compiles, so a signature loads instead of compiling (~1 s each on a
+    tiny pair, 2-core EPYC); on a miss, what the block compiled is published. TensorFlow keys each executable by
+    its HLO and, loading, checks the whole HLO against the one it would compile; the cache's manifest rebuilds a
+    damaged entry instead of serving it. The process's directory holds only the block's executables, so what
+    is published is exactly what this entry's calls used."""
+    directory = process_xla_directory()
+    for path in directory.iterdir():
+        path.unlink()
+    key = xla_key(stablehlo_entry)
+    found = cache.lookup(XLA_KIND, key, count_hit=True)
+    for path in found.glob("*.pb") if found is not None else ():
+        shutil.copyfile(path, directory / path.name)
+    yield
+    if found is None and any(directory.iterdir()):
+        cache.get_or_build(XLA_KIND, key, lambda out: [shutil.copyfile(path, out / path.name)
+                                                       for path in directory.glob("*.pb")])
 
 
 class StableHLORunner(Runner):

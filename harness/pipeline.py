@@ -257,7 +257,8 @@ def run_exported(state: RunState) -> list[CheckResult]:
 def run_stablehlo(state: RunState) -> list[CheckResult]:
     """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
     what the composite bodies as lowered would change (composite_body)."""
-    from harness.lowering import StableHLORunner, custom_calls, fits_inline, share_weights, stage_lowering
+    from harness.lowering import (StableHLORunner, compiled_executables, custom_calls, fits_inline, share_weights,
+                                  stage_lowering)
     from harness.runners import signature_for
 
     pair, export, cache = state.pair, state.pair.export, state.options.cache
@@ -276,15 +277,18 @@ def run_stablehlo(state: RunState) -> list[CheckResult]:
         raise HarnessError(f"cannot execute the lowered StableHLO: custom calls with no XLA kernel remain "
                            f"({', '.join(left)}); teach harness/lowering.py to resolve them")
     share_weights([*lowered.values(), *bodies.values()])  # one copy of the weights, not one per module
-    runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
-    logits = state.logits[stages.STABLEHLO] = state.run_trajectories(stages.STABLEHLO, runner)
-    # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
-    del state.runners[stages.STABLEHLO]
+    with compiled_executables(cache, entry):
+        runner = StableHLORunner(lowered, export.prefill_lens, export.kv_cache_max)
+        logits = state.logits[stages.STABLEHLO] = state.run_trajectories(stages.STABLEHLO, runner)
+        # No later check runs StableHLO again, and a real model's holds a copy of every weight per signature.
+        del state.runners[stages.STABLEHLO]
+        as_lowered = None
+        if resolved["tanh_gelus_from_attribute"]:
+            prompt = first.tokens[:first.prompt_len]
+            as_lowered, _ = StableHLORunner({**lowered, **bodies}, export.prefill_lens,
+                                            export.kv_cache_max).prefill(prompt, runner.empty_kv())
     results = state.compare_with_parent(stages.STABLEHLO, stages.EXPORTED, logits)
-    if resolved["tanh_gelus_from_attribute"]:
-        prompt = first.tokens[:first.prompt_len]
-        as_lowered, _ = StableHLORunner({**lowered, **bodies}, export.prefill_lens,
-                                        export.kv_cache_max).prefill(prompt, runner.empty_kv())
+    if as_lowered is not None:
         results.append(checks.composite_body(
             pair.name, as_lowered, logits[0][:first.prompt_len], resolved["tanh_gelus_from_attribute"],
             f"{probe} of prompt 0", state.gate(stages.STABLEHLO, stages.COMPOSITE_BODY)))

@@ -70,17 +70,22 @@ ISA_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                 "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def isa_features() -> list[str]:
-    """Which of ISA_FEATURES this CPU reports (x86-64 Linux; empty elsewhere)."""
+def cpu_flags() -> list[str]:
+    """Every flag this CPU reports (x86-64 Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [name for name in ISA_FEATURES if name in flags]
+                    return sorted(set(line.split(":", 1)[1].split()))
     except OSError:
         pass
     return []
+
+
+def isa_features() -> list[str]:
+    """Which of ISA_FEATURES this CPU reports (x86-64 Linux; empty elsewhere)."""
+    flags = set(cpu_flags())
+    return [name for name in ISA_FEATURES if name in flags]
 
 
 def host_info() -> dict[str, Any]:

@@ -15,6 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from harness import bench, golden, stages
+from harness.lowering import process_xla_directory
 from harness.cache import ArtifactCache
 from harness.config import RunConfig, default_cache_dir
 from harness.gates import load_gates
@@ -23,6 +24,9 @@ from harness.pipeline import RunOptions, verify_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow reads its XLA flags at its first compile: the directory the stablehlo stage hands XLA's cached
+# executables to is set before any test compiles, as a harness child has it set before its stablehlo stage.
+process_xla_directory()
 
 
 def pytest_addoption(parser):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from harness.cache import ArtifactCache, cache_key
 from harness.checkpoint import checkpoint_key
 from harness.config import RunConfig
 from harness.pipeline import RunOptions, verify_pair
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -182,6 +185,71 @@ def test_the_stablehlo_stage_from_the_cache_gives_the_records_it_gave_when_it_lo
         assert warm.notes["artifacts"][stage]["key"] == cold_misses[0]
     assert [(r.stage, r.check, r.status, r.metrics) for r in cold.results] == [
         (r.stage, r.check, r.status, r.metrics) for r in warm.results]
+
+
+XLA_STEPS = """
+import json, sys
+from pathlib import Path
+from tensorflow.python.eager import context
+from harness import records, stages
+from harness.cache import ArtifactCache
+from harness.config import RunConfig
+from harness.gates import load_gates
+from harness.lowering import (XLA_KIND, StableHLORunner, compiled_executables, process_xla_directory,
+                              share_weights, stage_lowering)
+from harness.pairs import discover
+from harness.pipeline import RunOptions, verify_pair
+
+pair, steps, host_flags = discover()["tiny_llama"], [], records.cpu_flags
+with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "exported", "stablehlo")) as cache:
+    state = verify_pair(pair, RunOptions(RunConfig(stages=(stages.EXPORTED,)), load_gates(), cache)).state
+    prompt = state.trajectories[0].tokens[:8]
+    for step in ("cold", "warm", "other cpu", "damaged", "rebuilt"):
+        records.cpu_flags = (lambda: ["avx512f", "avx512_vnni"]) if step == "other cpu" else host_flags
+        if step == "damaged":  # one executable of the cold step's entry cut short
+            executable = next((cache.store / steps[0]["misses"][0]).glob("*.pb"))
+            executable.write_bytes(executable.read_bytes()[:1000])
+        context._reset_context()  # TensorFlow forgets what it compiled in memory, as a new process has
+        before = {name: len(getattr(cache, name)) for name in ("hits", "misses", "rebuilt")}
+        entry, (lowered, _, _) = stage_lowering(cache, pair, state.checkpoint, state.model, state.programs,
+                                                ("prefill_8",))
+        share_weights(lowered.values())
+        with compiled_executables(cache, entry):
+            runner = StableHLORunner(lowered, pair.export.prefill_lens, pair.export.kv_cache_max)
+            logits, kv = runner.prefill(prompt, runner.empty_kv())
+            step_logits, _ = runner.decode(int(prompt[-1]), len(prompt), kv)
+        steps.append({**{name: [n for n in getattr(cache, name)[start:] if n.startswith(XLA_KIND)]
+                         for name, start in before.items()},
+                      "directory": sorted(p.name for p in process_xla_directory().iterdir()),
+                      "logits": [logits.tobytes().hex(), step_logits.tobytes().hex()]})
+    entry = sorted(p.name for p in (cache.store / steps[0]["misses"][0]).glob("*.pb"))
+print("STEPS", json.dumps({"steps": steps, "entry": entry}))
+"""
+
+
+def test_xla_executables_load_from_the_cache_per_cpu_and_a_damaged_one_is_compiled_again(options):
+    """The stablehlo stage's XLA executables, in a process of their own (TensorFlow reads its XLA flags once, and
+    keeps what it compiled in memory; the script resets that between steps, as a new process starts): a miss
+    compiles and publishes; a hit is served, and TensorFlow's directory holds only its executables; another CPU's
+    flags name another
+    entry (XLA compiles for the host's instructions); a damaged entry is never handed to TensorFlow: compiled and
+    published again. The same logits to the bit in every step; a private cache publishes nothing."""
+    from harness.lowering import XLA_KIND
+
+    shared = options.cache.root / XLA_KIND
+    shared_before = sorted(shared.iterdir()) if shared.exists() else []
+    proc = subprocess.run([sys.executable, "-c", XLA_STEPS, str(options.cache.root)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("STEPS "))[len("STEPS "):])
+    (cold, warm, other, damaged, rebuilt), entry = found["steps"], found["entry"]
+    assert len(cold["misses"]) == 1 and not cold["hits"] and len(entry) == 2  # prefill_8, decode
+    assert warm["hits"] == cold["misses"] and not warm["misses"] and warm["directory"] == entry
+    assert not other["hits"] and len(other["misses"]) == 1 and other["misses"] != cold["misses"]
+    assert damaged["rebuilt"] == damaged["misses"] == cold["misses"] and not damaged["hits"]
+    assert rebuilt["hits"] == cold["misses"] and not rebuilt["misses"]
+    assert all(step["logits"] == cold["logits"] for step in found["steps"])
+    assert (sorted(shared.iterdir()) if shared.exists() else []) == shared_before
 
 
 def _build_once_slowly(root, log, result):
