@@ -373,10 +373,11 @@ _xla_directory: Path | None = None  # this process's TensorFlow persistent XLA c
 
 def process_xla_directory() -> Path:
     """The directory TensorFlow's XLA keeps this process's compiled executables in and looks for them first
-    (TF_XLA_FLAGS --tf_xla_persistent_cache_directory). TensorFlow reads its flags at its first XLA compile, so
-    the flag is set before the stage's first call and then stays for the process; a process that compiled
-    before (a test worker) still runs right, it only compiles again. In a child it lies in the job's scratch
-    directory, which the parent removes."""
+    (TF_XLA_FLAGS --tf_xla_persistent_cache_directory). TensorFlow reads its XLA flags once, when its runtime
+    starts (the first variable or call: share_weights' variables, where weights are arguments), so the flag is
+    set before the stage's first TensorFlow call and then stays for the process; a process whose TensorFlow
+    started before (a test worker) still runs right, it only compiles again. In a child it lies in the job's
+    scratch directory, which the parent removes."""
     global _xla_directory
     if _xla_directory is None:
         import atexit

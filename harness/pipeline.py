@@ -257,10 +257,11 @@ def run_exported(state: RunState) -> list[CheckResult]:
 def run_stablehlo(state: RunState) -> list[CheckResult]:
     """The lowered StableHLO executed by XlaCallModule, composites resolved as the converter reads them, and
     what the composite bodies as lowered would change (composite_body)."""
-    from harness.lowering import (StableHLORunner, compiled_executables, custom_calls, fits_inline, share_weights,
-                                  stage_lowering)
+    from harness.lowering import (StableHLORunner, compiled_executables, custom_calls, fits_inline,
+                                  process_xla_directory, share_weights, stage_lowering)
     from harness.runners import signature_for
 
+    process_xla_directory()  # before share_weights: TensorFlow's first variable reads its XLA flags
     pair, export, cache = state.pair, state.pair.export, state.options.cache
     inline = fits_inline(state.model)
     first = state.trajectories[0]

@@ -195,6 +195,7 @@ from harness import records, stages
 from harness.cache import ArtifactCache
 from harness.config import RunConfig
 from harness.gates import load_gates
+from harness import lowering
 from harness.lowering import (XLA_KIND, StableHLORunner, compiled_executables, process_xla_directory,
                               share_weights, stage_lowering)
 from harness.pairs import discover
@@ -202,7 +203,14 @@ from harness.pipeline import RunOptions, verify_pair
 
 pair, steps, host_flags = discover()["tiny_llama"], [], records.cpu_flags
 with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "exported", "stablehlo")) as cache:
-    state = verify_pair(pair, RunOptions(RunConfig(stages=(stages.EXPORTED,)), load_gates(), cache)).state
+    # First, as this process's first TensorFlow work: the stage itself with the real model's lowering (weights
+    # as arguments, whose variables start TensorFlow before any call).
+    fits_inline, lowering.fits_inline = lowering.fits_inline, lambda model: False
+    report = verify_pair(pair, RunOptions(RunConfig(stages=(stages.STABLEHLO,)), load_gates(), cache))
+    lowering.fits_inline, state = fits_inline, report.state
+    arguments = [n for n in cache.misses if n.startswith(XLA_KIND)]
+    arguments = {"misses": arguments, "executables": [len(list((cache.store / n).glob("*.pb"))) for n in arguments],
+                 "stablehlo": sorted({r.status for r in report.results if r.stage == stages.STABLEHLO})}
     prompt = state.trajectories[0].tokens[:8]
     for step in ("cold", "warm", "other cpu", "damaged", "rebuilt"):
         records.cpu_flags = (lambda: ["avx512f", "avx512_vnni"]) if step == "other cpu" else host_flags
@@ -223,7 +231,7 @@ with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "expor
                       "directory": sorted(p.name for p in process_xla_directory().iterdir()),
                       "logits": [logits.tobytes().hex(), step_logits.tobytes().hex()]})
     entry = sorted(p.name for p in (cache.store / steps[0]["misses"][0]).glob("*.pb"))
-print("STEPS", json.dumps({"steps": steps, "entry": entry}))
+print("STEPS", json.dumps({"steps": steps, "entry": entry, "arguments": arguments}))
 """
 
 
@@ -233,7 +241,7 @@ def test_xla_executables_load_from_the_cache_per_cpu_and_a_damaged_one_is_compil
     compiles and publishes; a hit is served, and TensorFlow's directory holds only its executables; another CPU's
     flags name another
     entry (XLA compiles for the host's instructions); a damaged entry is never handed to TensorFlow: compiled and
-    published again. The same logits to the bit in every step; a private cache publishes nothing."""
+    published again. First, the stage with weights as arguments (the real model's) publishes its executables. The same logits to the bit in every step; a private cache publishes nothing."""
     from harness.lowering import XLA_KIND
 
     shared = options.cache.root / XLA_KIND
@@ -243,6 +251,9 @@ def test_xla_executables_load_from_the_cache_per_cpu_and_a_damaged_one_is_compil
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("STEPS "))[len("STEPS "):])
     (cold, warm, other, damaged, rebuilt), entry = found["steps"], found["entry"]
+    # weights as arguments (the real model): its three signatures compiled and published, the stage passing
+    assert found["arguments"]["executables"] == [3] and found["arguments"]["stablehlo"] == ["pass"]
+    assert found["arguments"]["misses"] != cold["misses"]
     assert len(cold["misses"]) == 1 and not cold["hits"] and len(entry) == 2  # prefill_8, decode
     assert warm["hits"] == cold["misses"] and not warm["misses"] and warm["directory"] == entry
     assert not other["hits"] and len(other["misses"]) == 1 and other["misses"] != cold["misses"]
