@@ -191,11 +191,10 @@ XLA_STEPS = """
 import json, sys
 from pathlib import Path
 from tensorflow.python.eager import context
-from harness import records, stages
+from harness import lowering, records, stages
 from harness.cache import ArtifactCache
 from harness.config import RunConfig
 from harness.gates import load_gates
-from harness import lowering
 from harness.lowering import (XLA_KIND, StableHLORunner, compiled_executables, process_xla_directory,
                               share_weights, stage_lowering)
 from harness.pairs import discover
@@ -214,7 +213,7 @@ with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "expor
     prompt = state.trajectories[0].tokens[:8]
     for step in ("cold", "warm", "other cpu", "damaged", "rebuilt"):
         records.cpu_flags = (lambda: ["avx512f", "avx512_vnni"]) if step == "other cpu" else host_flags
-        if step == "damaged":  # one executable of the cold step's entry cut short
+        if step == "damaged" and steps[0]["misses"]:  # one executable of the cold step's entry cut short
             executable = next((cache.store / steps[0]["misses"][0]).glob("*.pb"))
             executable.write_bytes(executable.read_bytes()[:1000])
         context._reset_context()  # TensorFlow forgets what it compiled in memory, as a new process has
@@ -230,7 +229,7 @@ with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "expor
                          for name, start in before.items()},
                       "directory": sorted(p.name for p in process_xla_directory().iterdir()),
                       "logits": [logits.tobytes().hex(), step_logits.tobytes().hex()]})
-    entry = sorted(p.name for p in (cache.store / steps[0]["misses"][0]).glob("*.pb"))
+    entry = sorted(p.name for p in (cache.store / steps[0]["misses"][0]).glob("*.pb")) if steps[0]["misses"] else []
 print("STEPS", json.dumps({"steps": steps, "entry": entry, "arguments": arguments}))
 """
 
