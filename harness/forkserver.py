@@ -12,6 +12,7 @@ of an output pipe; the server answers {"pid"} when it has forked and {"pid", "co
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from harness import child
 
 # What every verify job imports: loaded once in the server (a module not here is imported in the child).
 PRELOAD = ("numpy", "torch", "transformers", "tensorflow", "litert_torch",
@@ -153,14 +156,13 @@ def _fork_child(sock: socket.socket, request: dict, output: int) -> int:
     if pid:
         os.close(output)
         return pid
+    atexit._clear()  # the server's exit functions are the server's; the child runs only those its job registers
     try:  # the child: its stdout and stderr are the pipe the parent reads, Ctrl-C as the parent had it
         sock.close()  # the server's end: the parent must see EOF when the server goes, not when its children do
         os.dup2(output, 1)
         os.dup2(output, 2)
         os.close(output)
         signal.signal(signal.SIGINT, signal.SIG_IGN if request["sigint"] == "ignore" else signal.default_int_handler)
-        from harness import child
-
         code = child.main([request["job"], request["result"]])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -169,9 +171,7 @@ def _fork_child(sock: socket.socket, request: dict, output: int) -> int:
 
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    child.end(code)
 
 
 def serve(sock: socket.socket) -> None:

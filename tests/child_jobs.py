@@ -40,3 +40,15 @@ def dies_holding_a_temporary_file(payload, channel):
         f.write(b"\0" * 1024)
     channel.event(directory=directory)
     os.kill(os.getpid(), 9)
+
+
+def traces_a_tf_function(payload, channel):
+    """Traces a tf.function with TensorFlow's temporary directory at payload["tmp"]: autograph writes its
+    generated code there and registers an exit function to remove it, as in every stablehlo stage."""
+    import tempfile
+
+    import tensorflow as tf
+
+    tempfile.tempdir = payload["tmp"]
+    value = tf.function(lambda x: x * 2 + 1)(tf.constant(1.0))
+    return {"value": float(value), "written": sorted(os.listdir(payload["tmp"]))}

@@ -41,6 +41,17 @@ def test_a_killed_childs_temporary_files_are_removed_with_it():
     assert child.scratch() is None  # outside a child: the system's temporary directory
 
 
+@pytest.mark.parametrize("forked", [False, True])
+def test_a_child_runs_its_exit_functions_and_leaves_no_library_files_behind(tmp_path, forked, forking):
+    """A child ends with os._exit (no teardown of torch and TensorFlow), but first runs the exit functions its job
+    registered: TensorFlow's autograph removes the code it generated in the system's temporary directory with one
+    (five files a pair's run once left in /tmp). A forked child runs only its own, not the server's."""
+    result = child.run("tests.child_jobs:traces_a_tf_function", {"tmp": str(tmp_path)}, forked=forked,
+                       env=None if forked else ENV)
+    assert result["value"] == 3.0 and any(n.startswith("__autograph_generated_file") for n in result["written"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_unknown_kind_is_refused_before_a_process_starts():
     with pytest.raises(ValueError, match="no child handler"):
         child.run("no_such_kind", {})
