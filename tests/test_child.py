@@ -45,7 +45,7 @@ def test_a_killed_childs_temporary_files_are_removed_with_it():
 def test_a_child_runs_its_exit_functions_and_leaves_no_library_files_behind(tmp_path, forked, forking):
     """A child ends with os._exit (no teardown of torch and TensorFlow), but first runs the exit functions its job
     registered: TensorFlow's autograph removes the code it generated in the system's temporary directory with one
-    (five files a pair's run once left in /tmp). A forked child runs only its own, not the server's."""
+    (five files a pair's run once left in /tmp), in a fresh child and in a forked one."""
     result = child.run("tests.child_jobs:traces_a_tf_function", {"tmp": str(tmp_path)}, forked=forked,
                        env=None if forked else ENV)
     assert result["value"] == 3.0 and any(n.startswith("__autograph_generated_file") for n in result["written"])
