@@ -207,8 +207,8 @@ with ArtifactCache(Path(sys.argv[1]), shared=False, borrow=("checkpoint", "expor
     fits_inline, lowering.fits_inline = lowering.fits_inline, lambda model: False
     report = verify_pair(pair, RunOptions(RunConfig(stages=(stages.STABLEHLO,)), load_gates(), cache))
     lowering.fits_inline, state = fits_inline, report.state
-    arguments = [n for n in cache.misses if n.startswith(XLA_KIND)]
-    arguments = {"misses": arguments, "executables": [len(list((cache.store / n).glob("*.pb"))) for n in arguments],
+    misses = [n for n in cache.misses if n.startswith(XLA_KIND)]
+    arguments = {"misses": misses, "executables": [len(list((cache.store / n).glob("*.pb"))) for n in misses],
                  "stablehlo": sorted({r.status for r in report.results if r.stage == stages.STABLEHLO})}
     prompt = state.trajectories[0].tokens[:8]
     for step in ("cold", "warm", "other cpu", "damaged", "rebuilt"):
@@ -236,11 +236,11 @@ print("STEPS", json.dumps({"steps": steps, "entry": entry, "arguments": argument
 
 def test_xla_executables_load_from_the_cache_per_cpu_and_a_damaged_one_is_compiled_again(options):
     """The stablehlo stage's XLA executables, in a process of their own (TensorFlow reads its XLA flags once, and
-    keeps what it compiled in memory; the script resets that between steps, as a new process starts): a miss
-    compiles and publishes; a hit is served, and TensorFlow's directory holds only its executables; another CPU's
-    flags name another
-    entry (XLA compiles for the host's instructions); a damaged entry is never handed to TensorFlow: compiled and
-    published again. First, the stage with weights as arguments (the real model's) publishes its executables. The same logits to the bit in every step; a private cache publishes nothing."""
+    keeps what it compiled in memory; the script resets that between steps, as a new process starts). First, the
+    stage with weights as arguments (the real model's) publishes its executables. Then a miss compiles and
+    publishes; a hit is served, and TensorFlow's directory holds only its executables; another CPU's flags name
+    another entry (XLA compiles for the host's instructions); a damaged entry is never handed to TensorFlow:
+    compiled and published again. The same logits to the bit in every step; a private cache publishes nothing."""
     from harness.lowering import XLA_KIND
 
     shared = options.cache.root / XLA_KIND
