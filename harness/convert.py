@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 
 from harness.cache import ArtifactCache, dir_digest
-from harness.lowering import export_config
+from harness.lowering import converter_signatures
 from harness.pairs import ModelPair, describe
+from harness.programs import cached_programs
 
 FLOAT = "none"  # litert-torch's name for no quantization
 MODEL_FILE = "model.tflite"
@@ -37,12 +38,13 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict
     }
 
 
-def export_key(pair: ModelPair, checkpoint: Path, libraries: dict) -> dict:
-    """Everything that affects the exported stage's torch.export programs: what shapes the model and its export
-    (as for a flatbuffer), the harness's export code and how it saves and loads the programs."""
+def export_key(pair: ModelPair, checkpoint: Path, libraries: dict, kv_layout: str = "default") -> dict:
+    """Everything that affects the torch.export programs of `kv_layout` (the exported stage's are the default
+    layout's; a bundle's conversion reads the transposed ones): what shapes the model and its export (as for a
+    flatbuffer), the harness's export code and how it saves and loads the programs."""
     from harness import lowering, programs
 
-    key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries).items()
+    key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries, kv_layout).items()
            if k not in ("recipe", "conversion_code")}
     return {**key, "export_code": describe([lowering.converter_signatures, lowering.export_programs,
                                             programs.save_programs, programs.load_programs])}
@@ -83,23 +85,31 @@ def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Artifa
 
 def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool,
                kv_layout: str) -> Path:
-    """The flatbuffer litert-torch's convert_to_tflite writes for `recipe`, from the cache or converted."""
+    """The flatbuffer litert-torch's convert_to_tflite writes for `recipe`, from the cache or converted.
+
+    convert_to_tflite exports the converter's signatures, runs its FX passes on each program and hands them to
+    exported_programs_to_flatbuffer. The export is the exported stage's (`export_programs`, through the cache,
+    the transposed layout's kept beside it), so the flatbuffer is made from those programs by the converter's
+    last two steps, not by exporting again: byte-identical to convert_to_tflite (tests/test_convert.py)."""
+    from litert_torch._convert import core, litert_converter
     from litert_torch.generative.utilities import converter
 
     def build(out: Path) -> None:
+        signatures = converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max, kv_layout)
+        _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests(), kv_layout),
+                                      signatures)
         sink = io.StringIO()
         redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
         with redirect:
             previous = logging.root.level
             logging.root.setLevel(logging.ERROR)
             try:
-                path = converter.convert_to_tflite(
-                    model, str(out), "model", list(pair.export.prefill_lens), pair.export.kv_cache_max,
-                    quantize=recipe, export_config=export_config(kv_layout),
-                )
+                exporter = litert_converter.exported_programs_to_flatbuffer(
+                    [core._run_convert_passes(programs[sig.name]) for sig in signatures], signatures,
+                    quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
+                (out / MODEL_FILE).write_bytes(exporter.to_bytes())
             finally:
                 logging.root.setLevel(previous)
-        Path(path).rename(out / MODEL_FILE)
 
     key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE

@@ -47,14 +47,14 @@ def quiet_progress() -> None:
     progress.console.quiet = not os.environ.get(VERBOSE_ENV)
 
 
-def converter_signatures(model, prefill_lens, kv_cache_max):
+def converter_signatures(model, prefill_lens, kv_cache_max, kv_layout: str = "default"):
     """The prefill_<len> and decode signatures exactly as converter.convert_to_tflite adds them."""
     from litert_torch._convert import interface
     from litert_torch.generative.utilities import converter
 
     conv = interface.Converter()
     converter._add_signatures(  # the converter's own builder, so sample inputs match the flatbuffer
-        conv, model, list(prefill_lens), kv_cache_max, None, 0, model.config, [None], export_config()
+        conv, model, list(prefill_lens), kv_cache_max, None, 0, model.config, [None], export_config(kv_layout)
     )
     return list(conv._signatures)
 

@@ -164,14 +164,10 @@ def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_de
 def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, tmp_path, monkeypatch):
     """The converter writes GELU ops with the wrong approximation (erf for tanh): only the flatbuffer is wrong."""
     from ai_edge_litert.tools import flatbuffer_utils
-    from litert_torch.generative.utilities import converter
 
     from harness.cache import ArtifactCache
 
-    convert_to_tflite = converter.convert_to_tflite
-
-    def defective(*args, **kwargs):
-        path = convert_to_tflite(*args, **kwargs)
+    def flip_gelu_approximation(path):
         model = flatbuffer_utils.read_model(path)
         flipped = 0
         for subgraph in model.subgraphs:
@@ -181,13 +177,14 @@ def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, t
                     flipped += 1
         assert flipped, "no GELU op to break"
         flatbuffer_utils.write_model(model, path)
-        return path
+        return flipped
 
-    monkeypatch.setattr(converter, "convert_to_tflite", defective)
+    flipped = variants.converting_with(monkeypatch, flip_gelu_approximation)
     with ArtifactCache(tmp_path / "cache", shared=False) as private:  # a patched converter must not publish
         report = verify_pair(pairs["phi2"], options.derive(cache=private, quant=(),
                                                                  stages=(stages.TFLITE_FLOAT,)))
     results = by_stage(report)
+    assert len(flipped) == 1  # one conversion, the float flatbuffer's, through the patched converter
     assert results["reauthored"]["logits"].status == PASS
     assert results["tflite_float"]["logits"].status == FAIL, results["tflite_float"]["logits"].message
     assert not (tmp_path / "cache").exists()

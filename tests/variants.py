@@ -300,16 +300,22 @@ def scale_flatbuffer_weights(path, out, block: int, linear: str, factor: float) 
 
 
 def converting_with(monkeypatch, defect) -> list[int]:
-    """Patches litert-torch's converter so every flatbuffer it writes is rewritten by `defect(path)`, which
-    returns how many things it changed; returns those counts as conversions happen."""
-    from litert_torch.generative.utilities import converter
+    """Patches litert-torch's converter so every flatbuffer it makes (exported_programs_to_flatbuffer, which
+    convert_to_tflite and the harness's conversion both end with) is rewritten by `defect(path)` of a copy,
+    which returns how many things it changed; returns those counts as conversions happen."""
+    import tempfile
+    from pathlib import Path
 
-    convert_to_tflite, counts = converter.convert_to_tflite, []
+    from litert_torch._convert import litert_converter
+
+    to_flatbuffer, counts = litert_converter.exported_programs_to_flatbuffer, []
 
     def defective(*args, **kwargs):
-        path = convert_to_tflite(*args, **kwargs)
-        counts.append(defect(path))
-        return path
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.tflite"
+            path.write_bytes(to_flatbuffer(*args, **kwargs).to_bytes())
+            counts.append(defect(str(path)))
+            return litert_converter.LazyModelExporter(content=path.read_bytes())
 
-    monkeypatch.setattr(converter, "convert_to_tflite", defective)
+    monkeypatch.setattr(litert_converter, "exported_programs_to_flatbuffer", defective)
     return counts
