@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from harness.cache import ArtifactCache, dir_digest
-from harness.lowering import converter_signatures
+from harness.lowering import converter_signatures, export_programs
 from harness.pairs import ModelPair, describe
 from harness.programs import cached_programs
 
@@ -38,13 +38,12 @@ def artifact_key(pair: ModelPair, checkpoint: Path, recipe: str, libraries: dict
     }
 
 
-def export_key(pair: ModelPair, checkpoint: Path, libraries: dict, kv_layout: str = "default") -> dict:
-    """Everything that affects the torch.export programs of `kv_layout` (the exported stage's are the default
-    layout's; a bundle's conversion reads the transposed ones): what shapes the model and its export (as for a
-    flatbuffer), the harness's export code and how it saves and loads the programs."""
+def export_key(pair: ModelPair, checkpoint: Path, libraries: dict) -> dict:
+    """Everything that affects the exported stage's torch.export programs: what shapes the model and its export
+    (as for a flatbuffer), the harness's export code and how it saves and loads the programs."""
     from harness import lowering, programs
 
-    key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries, kv_layout).items()
+    key = {k: v for k, v in artifact_key(pair, checkpoint, FLOAT, libraries).items()
            if k not in ("recipe", "conversion_code")}
     return {**key, "export_code": describe([lowering.converter_signatures, lowering.export_programs,
                                             programs.save_programs, programs.load_programs])}
@@ -88,16 +87,19 @@ def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Art
     """The flatbuffer litert-torch's convert_to_tflite writes for `recipe`, from the cache or converted.
 
     convert_to_tflite exports the converter's signatures, runs its FX passes on each program and hands them to
-    exported_programs_to_flatbuffer. The export is the exported stage's (`export_programs`, through the cache,
-    the transposed layout's kept beside it), so the flatbuffer is made from those programs by the converter's
-    last two steps, not by exporting again: byte-identical to convert_to_tflite (tests/test_convert.py)."""
+    exported_programs_to_flatbuffer. The default layout's export is the exported stage's (`export_programs`,
+    through the cache), so its flatbuffer is made from those programs by the converter's last two steps, not by
+    exporting again; the transposed layout's programs are exported here, as only its flatbuffer reads them.
+    Byte-identical to convert_to_tflite either way (tests/test_convert.py)."""
     from litert_torch._convert import core, litert_converter
     from litert_torch.generative.utilities import converter
 
     def build(out: Path) -> None:
         signatures = converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max, kv_layout)
-        _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests(), kv_layout),
-                                      signatures)
+        if kv_layout == "default":
+            _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests()), signatures)
+        else:
+            programs = export_programs(signatures)
         sink = io.StringIO()
         redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
         with redirect:
