@@ -88,6 +88,15 @@ def options(gates, cache):
     return RunOptions(RunConfig(), gates, cache)
 
 
+@pytest.fixture
+def private(options):
+    """The run options with a private cache, for a test that patches the lowering, the converter or a recipe: what
+    the patch builds must neither be served the shared cache's clean artifact nor be published. The checkpoint and
+    the exported programs, which none of those patches can shape, are borrowed from the shared cache."""
+    with ArtifactCache(options.cache.root, shared=False, borrow=("checkpoint", "exported")) as cache:
+        yield options.derive(cache=cache)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(pairs):
     return pairs["tiny_llama"]

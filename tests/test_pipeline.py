@@ -101,17 +101,6 @@ def test_too_low_init_std_fails_sensitivity(options):
 
 # ---------------------------------------------------------------- a declared defect excuses only itself
 
-@pytest.fixture
-def private(options):
-    """The run options with a private cache: a patched lowering must neither be served the shared cache's
-    clean StableHLO nor publish its own. The checkpoint and the exported programs, which it cannot shape, are
-    borrowed from the shared cache."""
-    from harness.cache import ArtifactCache
-
-    with ArtifactCache(options.cache.root, shared=False, borrow=("checkpoint", "exported")) as cache:
-        yield options.derive(cache=cache)
-
-
 def _patched_lowering(monkeypatch, op, wrap):
     """Plants a defect in litert-torch's torch->StableHLO lowering of `op`: its JAX lowering, wrapped."""
     from litert_torch.backend.lowerings import registry
@@ -161,11 +150,11 @@ def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_de
     assert "injected: the lowering crashed" in results["stablehlo"]["stage"].message
 
 
-def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, tmp_path, monkeypatch):
+def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, private, monkeypatch):
     """The converter writes GELU ops with the wrong approximation (erf for tanh): only the flatbuffer is wrong."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from harness.cache import ArtifactCache
+    from harness.cache import file_digest
 
     def flip_gelu_approximation(path):
         model = flatbuffer_utils.read_model(path)
@@ -180,14 +169,16 @@ def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, t
         return flipped
 
     flipped = variants.converting_with(monkeypatch, flip_gelu_approximation)
-    with ArtifactCache(tmp_path / "cache", shared=False) as private:  # a patched converter must not publish
-        report = verify_pair(pairs["phi2"], options.derive(cache=private, quant=(),
-                                                                 stages=(stages.TFLITE_FLOAT,)))
+    report = verify_pair(pairs["phi2"], private.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
     results = by_stage(report)
     assert len(flipped) == 1  # one conversion, the float flatbuffer's, through the patched converter
     assert results["reauthored"]["logits"].status == PASS
     assert results["tflite_float"]["logits"].status == FAIL, results["tflite_float"]["logits"].message
-    assert not (tmp_path / "cache").exists()
+    # The patched converter's flatbuffer was not published: the shared cache's entry under its key, if any, is
+    # another (the clean converter's).
+    built = report.notes["artifacts"]["tflite_float"]
+    published = list((options.cache.root / built["key"]).glob("*.tflite"))
+    assert all(file_digest(p) != built["sha256"] for p in published), published
     # Localised in the flatbuffer: every GELU is wrong, so layer 0's MLP down projection (the GELU's consumer)
     # is the first point past the tolerance (1.3e-4). The GELU's own output, the MLP activation, already moved
     # (6.4e-5, under the tolerance); every point before it agrees to float noise (5e-7).

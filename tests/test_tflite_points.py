@@ -5,7 +5,6 @@ flatbuffer has is found at its layer, by the divergence step of a failing run an
 import pytest
 
 from harness import cli, localise, stages
-from harness.cache import ArtifactCache
 from harness.checkpoint import build_reauthored, load_hf, reference_checkpoint
 from harness.convert import FLOAT, convert
 from harness.pipeline import verify_pair
@@ -65,13 +64,11 @@ def _skewed_layer_1_down(path):
     return variants.scale_flatbuffer_weights(path, path, block=1, linear="w2", factor=1.05)
 
 
-def test_a_tflite_only_weight_skew_is_localised_at_its_layer_by_the_divergence_step(tiny_llama, options, tmp_path,
-                                                                                   monkeypatch):
+def test_a_tflite_only_weight_skew_is_localised_at_its_layer_by_the_divergence_step(tiny_llama, private, monkeypatch):
     """Layer 1's MLP down-projection weights 5% too large in the flatbuffer only: the float stage fails, the
     divergence step names layer 1's down projection, and every point before it agrees."""
     moved = variants.converting_with(monkeypatch, _skewed_layer_1_down)
-    with ArtifactCache(tmp_path / "cache", shared=False) as private:  # a patched converter must not publish
-        rep = verify_pair(tiny_llama, options.derive(cache=private, quant=(), stages=(stages.TFLITE_FLOAT,)))
+    rep = verify_pair(tiny_llama, private.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
     assert moved == [1]  # one weight buffer, shared by every signature
     by_check = {(r.stage, r.check): r for r in rep.results}
     assert by_check[(stages.REAUTHORED, stages.LOGITS)].status == PASS
