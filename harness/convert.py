@@ -6,9 +6,11 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 from harness.cache import ArtifactCache, dir_digest
-from harness.lowering import converter_signatures, export_programs
+from harness.errors import HarnessError
+from harness.lowering import cached_modules, converter_signatures, export_programs, fits_inline
 from harness.pairs import ModelPair, describe
 from harness.programs import cached_programs
 
@@ -49,15 +51,25 @@ def export_key(pair: ModelPair, checkpoint: Path, libraries: dict) -> dict:
                                             programs.save_programs, programs.load_programs])}
 
 
-def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, inline_weights: bool,
-                 bodies_of: tuple[str, ...]) -> dict:
-    """Everything that affects the lowered StableHLO of the stablehlo stage: the programs it lowers (as cached),
-    the harness's lowering code, whether weights are inlined, and which bodies are kept as lowered."""
+def modules_key(pair: ModelPair, checkpoint: Path, libraries: dict, inline_weights: bool) -> dict:
+    """Everything that affects lower_modules' MLIR modules of the exported stage's programs: those programs (as
+    cached), the harness's lowering code and whether weights are inlined."""
     from harness import lowering
 
     return {**export_key(pair, checkpoint, libraries),
-            "lowering_code": describe([lowering.lower_programs, lowering.save_lowered, lowering.load_lowered]),
-            "inline_weights": inline_weights, "bodies_of": list(bodies_of)}
+            "lowering_code": describe([lowering.lower_modules, lowering.save_lowered, lowering.load_lowered]),
+            "inline_weights": inline_weights}
+
+
+def lowering_key(pair: ModelPair, checkpoint: Path, libraries: dict, inline_weights: bool,
+                 bodies_of: tuple[str, ...]) -> dict:
+    """Everything that affects the stablehlo stage's modules: the modules it resolves (modules_key), the harness's
+    resolution code, and which bodies are kept as lowered."""
+    from harness import lowering
+
+    return {"modules": modules_key(pair, checkpoint, libraries, inline_weights),
+            "resolution_code": describe([lowering.resolve_modules, lowering.cached_lowering]),
+            "bodies_of": list(bodies_of)}
 
 
 def convert(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: ArtifactCache, quiet: bool = True,
@@ -86,18 +98,24 @@ def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Art
                kv_layout: str) -> Path:
     """The flatbuffer litert-torch's convert_to_tflite writes for `recipe`, from the cache or converted.
 
-    convert_to_tflite exports the converter's signatures, runs its FX passes on each program and hands them to
-    exported_programs_to_flatbuffer. The default layout's export is the exported stage's (`export_programs`,
-    through the cache), so its flatbuffer is made from those programs by the converter's last two steps, not by
-    exporting again; the transposed layout's programs are exported here, as only its flatbuffer reads them.
-    Byte-identical to convert_to_tflite either way (tests/test_convert.py)."""
+    convert_to_tflite exports the converter's signatures and hands the programs to exported_programs_to_flatbuffer,
+    which runs its FX passes and MLIR lowering on each (exported_program_to_mlir) and converts the merged modules.
+    The default layout's programs are the exported stage's (through the cache), and a float flatbuffer's modules
+    are the ones the stablehlo stage resolves (cached_modules) wherever that stage inlines weights as the converter
+    does: so a cold run exports and lowers each program once. The transposed layout's programs are exported and
+    lowered here, as only its flatbuffer reads them. Byte-identical to convert_to_tflite either way
+    (tests/test_convert.py)."""
     from litert_torch._convert import core, litert_converter
     from litert_torch.generative.utilities import converter
 
     def build(out: Path) -> None:
         signatures = converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max, kv_layout)
+        modules = None
         if kv_layout == "default":
             _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests()), signatures)
+            if recipe == FLOAT and fits_inline(model):
+                _, modules = cached_modules(cache, modules_key(pair, checkpoint, cache.code_digests(), True),
+                                            programs, inline_weights=True)
         else:
             programs = export_programs(signatures)
         sink = io.StringIO()
@@ -106,15 +124,49 @@ def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Art
             previous = logging.root.level
             logging.root.setLevel(logging.ERROR)
             try:
-                exporter = litert_converter.exported_programs_to_flatbuffer(
-                    [core._run_convert_passes(programs[sig.name]) for sig in signatures], signatures,
-                    quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
+                if modules is None:
+                    exporter = litert_converter.exported_programs_to_flatbuffer(
+                        [core._run_convert_passes(programs[sig.name]) for sig in signatures], signatures,
+                        quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
+                else:
+                    with lowered_before({id(programs[sig.name]): modules[sig.name] for sig in signatures}):
+                        exporter = litert_converter.exported_programs_to_flatbuffer(
+                            [programs[sig.name] for sig in signatures], signatures,
+                            quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
                 (out / MODEL_FILE).write_bytes(exporter.to_bytes())
             finally:
                 logging.root.setLevel(previous)
 
     key = artifact_key(pair, checkpoint, recipe, cache.code_digests(), kv_layout)
     return cache.get_or_build(TFLITE, key, build) / MODEL_FILE
+
+
+@contextlib.contextmanager
+def lowered_before(modules_of: dict[int, Any]):
+    """Inside the block, litert-torch's exported_program_to_mlir answers each program (by id, in `modules_of`)
+    with its module lowered before, parsed into the MLIR context the converter passes: the converter shares that
+    context across its programs, where MLIR uniques equal constants (its cross-program constant plugin only saves
+    building them again). The converter's FX passes and lowering are what lower_modules ran."""
+    from litert_converter.mlir import ir
+    from litert_torch import backend
+    from litert_torch.backend.export import MlirLowered
+
+    def lowered(program, *, ir_context=None, **_):
+        if id(program) not in modules_of or ir_context is None:
+            raise HarnessError("litert-torch's converter lowered a program the harness had not lowered, or outside "
+                               "its shared MLIR context: its exported_programs_to_flatbuffer changed; see "
+                               "harness/convert.py")
+        module = modules_of[id(program)]
+        with ir_context:
+            parsed = ir.Module.parse(module.module_bytecode)
+        return MlirLowered(ir_context, parsed, module.state_dict, module.input_signature, module.output_signature)
+
+    original = backend.export.exported_program_to_mlir
+    backend.export.exported_program_to_mlir = lowered
+    try:
+        yield
+    finally:
+        backend.export.exported_program_to_mlir = original
 
 
 def quantizer_recipe(model, recipe: str) -> list[dict] | None:

@@ -188,26 +188,32 @@ def resolve_tensor_markers(module, composites: bool = True) -> dict[str, int]:
     return counts
 
 
-def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True,
-                   bodies_of: tuple[str, ...] = ()):
-    """Each program through the converter's FX passes and MLIR lowering, markers resolved.
+def lower_modules(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True) -> dict:
+    """Each program through the converter's FX passes and MLIR lowering (`exported_program_to_mlir`), composite
+    markers intact: with weights inlined, the very modules litert-torch's converter merges into a flatbuffer.
 
-    Weights are inlined as constants, as litert-torch's default converter does; with
-    inline_weights=False they stay function arguments (its V2 converter's lowering), which
-    XlaCallModule is then fed from the state dict: the way past its 2 GiB module limit.
-    For the signatures named in `bodies_of`, a copy with every composite body as lowered is
-    returned too, to measure what resolving composites from their attributes changes.
+    Weights are inlined as constants, as litert-torch's default converter does; with inline_weights=False they
+    stay function arguments (its V2 converter's lowering), which XlaCallModule is then fed from the state dict:
+    the way past its 2 GiB module limit. The programs are changed in place by the FX passes.
     """
-    import dataclasses
-
-    from litert_converter.mlir import ir
     from litert_torch import backend
     from litert_torch._convert import core
 
     quiet_progress()
-    lowered, resolved, bodies = {}, {}, {}
-    for name, ep in programs.items():
-        module = backend.export.exported_program_to_mlir(core._run_convert_passes(ep), inline_constants=inline_weights)
+    return {name: backend.export.exported_program_to_mlir(core._run_convert_passes(ep), inline_constants=inline_weights)
+            for name, ep in programs.items()}
+
+
+def resolve_modules(modules: dict, bodies_of: tuple[str, ...] = ()):
+    """The modules the stablehlo stage executes, made from lower_modules' in place: markers resolved. For the
+    signatures named in `bodies_of`, a copy with every composite body as lowered is returned too, to measure what
+    resolving composites from their attributes changes. Returns (lowered, resolved counts, bodies)."""
+    import dataclasses
+
+    from litert_converter.mlir import ir
+
+    resolved, bodies = {}, {}
+    for name, module in modules.items():
         with module.ctx:
             if name in bodies_of:
                 copy = dataclasses.replace(module, module=ir.Module.parse(module.module_bytecode), _tf_function=None)
@@ -215,11 +221,18 @@ def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_wei
                 bodies[name] = copy
             for key, count in resolve_tensor_markers(module.module).items():
                 resolved[key] = resolved.get(key, 0) + count
-        lowered[name] = module
-    return lowered, resolved, bodies
+    return modules, resolved, bodies
 
 
-STABLEHLO_KIND = "stablehlo"  # the cache's kind for lowered modules
+def lower_programs(programs: dict[str, torch.export.ExportedProgram], inline_weights: bool = True,
+                   bodies_of: tuple[str, ...] = ()):
+    """Each program lowered as the converter lowers it and resolved as the stablehlo stage runs it
+    (lower_modules, then resolve_modules)."""
+    return resolve_modules(lower_modules(programs, inline_weights), bodies_of)
+
+
+LOWERED_KIND = "lowered"  # the cache's kind for lower_modules' modules, markers intact
+STABLEHLO_KIND = "stablehlo"  # the cache's kind for the stablehlo stage's modules, markers resolved
 _SIGNATURES = "signatures.json"  # per module: its input and output signatures; the module is <name>.mlirbc
 
 
@@ -242,7 +255,7 @@ def _program_tensors(program) -> dict[str, torch.Tensor]:
 
 
 def save_lowered(out, lowered: dict, resolved: dict, bodies: dict, programs: dict) -> None:
-    """Writes what lower_programs returned as bytecode and JSON. A module with its weights as arguments reads
+    """Writes what lower_programs returned (lower_modules' modules: nothing resolved, no bodies) as bytecode and JSON. A module with its weights as arguments reads
     its program's own parameters and constants (`programs`, by signature name): their names are written, not
     their data, and load_lowered takes them from the programs again."""
     modules = {**{name: ("lowered", m) for name, m in lowered.items()},
@@ -286,13 +299,26 @@ def load_lowered(entry, programs: dict):
     return groups["lowered"], index["resolved"], groups["bodies"]
 
 
+def cached_modules(cache, key: dict, programs: dict, inline_weights: bool) -> tuple[Path, dict]:
+    """lower_modules through the cache: what the stablehlo stage resolves and, weights inlined, what a float
+    flatbuffer of the default KV layout is converted from (harness/convert.py), so a cold run lowers each program
+    once. A miss lowers `programs` in place. Returns the entry and the modules by signature name."""
+    entry = cache.get_or_build(LOWERED_KIND, key, lambda out: save_lowered(
+        out, lower_modules(programs, inline_weights), {}, {}, programs))
+    return entry, load_lowered(entry, programs)[0]
+
+
 def cached_lowering(cache, key: dict, programs: dict, inline_weights: bool, bodies_of: tuple[str, ...]):
-    """lower_programs through the cache: a hit skips the FX passes and MLIR lowering (~4 s a tiny pair, ~55 s
-    the real Gemma 3 270M's weights-as-arguments modules), and what runs is always what the entry holds. A miss
-    lowers `programs` in place, as lower_programs does. Returns the entry and lower_programs' (lowered, resolved,
+    """lower_programs through the cache, for `key` from harness.convert.lowering_key: a hit skips the FX passes,
+    the MLIR lowering and the resolution (~4 s a tiny pair, ~55 s the real Gemma 3 270M's weights-as-arguments
+    modules), and what runs is always what the entry holds. A miss resolves the modules of key["modules"]
+    (cached_modules: lowered on a miss, in place). Returns the entry and lower_programs' (lowered, resolved,
     bodies)."""
-    entry = cache.get_or_build(STABLEHLO_KIND, key, lambda out: save_lowered(
-        out, *lower_programs(programs, inline_weights=inline_weights, bodies_of=bodies_of), programs))
+    def build(out) -> None:
+        _, modules = cached_modules(cache, key["modules"], programs, inline_weights)
+        save_lowered(out, *resolve_modules(modules, bodies_of), programs)
+
+    entry = cache.get_or_build(STABLEHLO_KIND, key, build)
     return entry, load_lowered(entry, programs)
 
 

@@ -88,13 +88,24 @@ def options(gates, cache):
     return RunOptions(RunConfig(), gates, cache)
 
 
+def _privately(options, borrow: tuple[str, ...]):
+    with ArtifactCache(options.cache.root, shared=False, borrow=borrow) as cache:
+        yield options.derive(cache=cache)
+
+
 @pytest.fixture
 def private(options):
-    """The run options with a private cache, for a test that patches the lowering, the converter or a recipe: what
-    the patch builds must neither be served the shared cache's clean artifact nor be published. The checkpoint and
-    the exported programs, which none of those patches can shape, are borrowed from the shared cache."""
-    with ArtifactCache(options.cache.root, shared=False, borrow=("checkpoint", "exported")) as cache:
-        yield options.derive(cache=cache)
+    """The run options with a private cache, for a test that patches the lowering: what the patch builds must
+    neither be served the shared cache's clean artifact nor be published. The checkpoint and the exported programs,
+    which the patch cannot shape, are borrowed from the shared cache."""
+    yield from _privately(options, ("checkpoint", "exported"))
+
+
+@pytest.fixture
+def private_conversion(options):
+    """As `private`, for a test that patches the converter's last step or a recipe: the lowered modules a float
+    flatbuffer is made from are borrowed too, as no such patch shapes them."""
+    yield from _privately(options, ("checkpoint", "exported", "lowered"))
 
 
 @pytest.fixture(scope="session")

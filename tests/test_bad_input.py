@@ -253,13 +253,19 @@ def test_a_damaged_flatbuffer_and_checkpoint_are_rebuilt(tmp_path, tiny_llama_re
     against the digest recorded when the entry was built, rebuilds both, says so, and passes."""
     from harness.config import default_cache_dir
 
+    from harness.cache import ArtifactCache, cache_key
+    from harness.convert import modules_key
+    from harness.lowering import LOWERED_KIND
+
     artifacts = tiny_llama_report.notes["artifacts"]
     cache = tmp_path / "cache"
-    # A warm cache of this pair's entries, copied from the shared one: the exported programs the flatbuffer is
-    # rebuilt from too (a conversion reads them), left whole.
-    for stage in ("checkpoint", "exported", "tflite_float"):
-        key = artifacts[stage]["key"]
-        shutil.copytree(Path(default_cache_dir()) / key, cache / key)
+    # A warm cache of this pair's entries, copied from the shared one: the exported programs and their lowered
+    # modules the flatbuffer is rebuilt from too (a conversion reads them), left whole.
+    shared = ArtifactCache(Path(default_cache_dir()))
+    modules = f"{LOWERED_KIND}/" + cache_key(modules_key(tiny_llama_report.state.pair, tiny_llama_report.state.checkpoint,
+                                                          shared.code_digests(), True))
+    for key in (*(artifacts[stage]["key"] for stage in ("checkpoint", "exported", "tflite_float")), modules):
+        shutil.copytree(shared.root / key, cache / key)
     flatbuffer = next((cache / artifacts["tflite_float"]["key"]).glob("*.tflite"))
     flatbuffer.write_bytes(flatbuffer.read_bytes()[: flatbuffer.stat().st_size // 2])
     weights = next((cache / artifacts["checkpoint"]["key"]).glob("*.safetensors"))
@@ -273,6 +279,6 @@ def test_a_damaged_flatbuffer_and_checkpoint_are_rebuilt(tmp_path, tiny_llama_re
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert set(records(tmp_path / "out").values()) == {"pass"}
     notes = parity(tmp_path / "out")["models"]["tiny_llama"]["notes"]
-    assert notes["cache"]["rebuilt_damaged"] == 2 and notes["cache"]["hits"] == 1  # the programs, whole
+    assert notes["cache"]["rebuilt_damaged"] == 2 and notes["cache"]["hits"] == 2  # the programs and modules, whole
     assert notes["artifacts"]["tflite_float"]["sha256"] == artifacts["tflite_float"]["sha256"]
     assert file_digest(flatbuffer) == artifacts["tflite_float"]["sha256"]

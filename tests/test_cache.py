@@ -141,7 +141,8 @@ def test_keys_hold_no_directory_of_this_machine(tiny_llama, cache):
 
 def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, monkeypatch):
     """The lowered StableHLO is cached: editing how the harness resolves litert-torch's markers (or anything
-    lower_programs reads) must miss, never serve the module the old code lowered."""
+    lower_programs reads) must miss, never serve the module the old code lowered; and a float flatbuffer, made from
+    the lowered modules, misses when the lowering's code changes, not when the stage's resolution does."""
     from harness import lowering
     from harness.checkpoint import reference_checkpoint
     from harness.convert import artifact_key, lowering_key
@@ -155,10 +156,20 @@ def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, m
     def resolve_tensor_markers(module, composites=True):  # other code under the same name
         return {}
 
+    flatbuffer = artifact_key(tiny_llama, checkpoint, "none", cache.code_digests())
     monkeypatch.setattr(lowering, "resolve_tensor_markers", resolve_tensor_markers)
     assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), True, ("prefill_8",))) != cache_key(before)
+    assert artifact_key(tiny_llama, checkpoint, "none", cache.code_digests()) == flatbuffer  # not what it reads
+
+    def quiet_progress():  # other code under the same name, read by the lowering a float flatbuffer is made from
+        pass
+
+    monkeypatch.setattr(lowering, "quiet_progress", quiet_progress)
+    assert cache_key(lowering_key(tiny_llama, checkpoint, cache.code_digests(), True, ("prefill_8",))["modules"]) != (
+        cache_key(before["modules"]))
+    assert artifact_key(tiny_llama, checkpoint, "none", cache.code_digests()) != flatbuffer
     # The builder's loader shapes every artifact: flatbuffer and StableHLO keys both hold it.
-    assert "reauthored_loader" in before and "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none",
+    assert "reauthored_loader" in before["modules"] and "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none",
                                                                                  cache.code_digests())
 
 

@@ -144,13 +144,13 @@ def test_a_crash_at_stablehlo_is_an_error_on_a_pair_that_declares_a_stablehlo_de
     def crash(*args, **kwargs):
         raise RuntimeError("injected: the lowering crashed")
 
-    monkeypatch.setattr(lowering, "lower_programs", crash)
+    monkeypatch.setattr(lowering, "lower_modules", crash)
     results = by_stage(verify_pair(pairs["phi2"], private.derive(stages=(stages.STABLEHLO,))))
     assert results["stablehlo"]["stage"].status == ERROR
     assert "injected: the lowering crashed" in results["stablehlo"]["stage"].message
 
 
-def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, private, monkeypatch):
+def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, private_conversion, monkeypatch):
     """The converter writes GELU ops with the wrong approximation (erf for tanh): only the flatbuffer is wrong."""
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -169,7 +169,7 @@ def test_a_tflite_only_conversion_defect_fails_at_tflite_float(pairs, options, p
         return flipped
 
     flipped = variants.converting_with(monkeypatch, flip_gelu_approximation)
-    report = verify_pair(pairs["phi2"], private.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
+    report = verify_pair(pairs["phi2"], private_conversion.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
     results = by_stage(report)
     assert len(flipped) == 1  # one conversion, the float flatbuffer's, through the patched converter
     assert results["reauthored"]["logits"].status == PASS
@@ -251,16 +251,18 @@ def test_stablehlo_with_weights_as_arguments_is_cached_shares_them_and_runs_the_
     tf_integration alone makes one per weight per module), and the numbers are the inlined lowering's."""
     from harness.cache import ArtifactCache, cache_key
     from harness.convert import lowering_key
-    from harness.lowering import STABLEHLO_KIND, StableHLORunner, cached_lowering, load_lowered, share_weights
+    from harness.lowering import (LOWERED_KIND, STABLEHLO_KIND, StableHLORunner, cached_lowering, load_lowered,
+                                  share_weights)
     from harness.runners import run_trajectory
 
     state, export = tiny_llama_report.state, tiny_llama.export
     key = lowering_key(tiny_llama, state.checkpoint, cache.code_digests(), False, ("prefill_8",))
-    entry = f"{STABLEHLO_KIND}/{cache_key(key)}"
+    entry, modules = f"{STABLEHLO_KIND}/{cache_key(key)}", f"{LOWERED_KIND}/{cache_key(key['modules'])}"
     for run in ("cold", "warm"):
         ours = ArtifactCache(tmp_path / "cache")
         path, (lowered, _, bodies) = cached_lowering(ours, key, state.programs, False, ("prefill_8",))
-        assert (ours.misses, ours.hits) == (([entry], []) if run == "cold" else ([], [entry]))
+        # cold: the stage's entry resolved from the modules, both lowered here; warm: the stage's entry alone
+        assert (ours.misses, ours.hits) == (([entry, modules], []) if run == "cold" else ([], [entry]))
         assert any(s.input_spec.is_parameter for s in lowered["decode"].input_signature)
         modules = [*lowered.values(), *bodies.values()]
         assert len(modules) == 4

@@ -56,9 +56,10 @@ def test_groups_are_every_linear_and_the_embedding_named_by_their_points(tiny_ll
     assert sorted(names) == sorted(["embedding", "head", *(f"layers.{i}.{g}" for i in range(2) for g in per_layer)])
 
 
-def test_one_layer_quantized_too_coarsely_is_ranked_first_by_the_divergence_step(tiny_llama, private, monkeypatch):
+def test_one_layer_quantized_too_coarsely_is_ranked_first_by_the_divergence_step(tiny_llama, private_conversion,
+                                                                                  monkeypatch):
     coarse_layer_1_down(monkeypatch)
-    rep = verify_pair(tiny_llama, private.derive(quant=("dynamic_int8",), stages=(STAGE,)))
+    rep = verify_pair(tiny_llama, private_conversion.derive(quant=("dynamic_int8",), stages=(STAGE,)))
     by_check = {(r.stage, r.check): r for r in rep.results}
     assert by_check[(stages.TFLITE_FLOAT, stages.LOGITS)].status == PASS
     assert by_check[(STAGE, stages.QUANT_ACCURACY)].status == FAIL, by_check[(STAGE, stages.QUANT_ACCURACY)].message

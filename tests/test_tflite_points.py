@@ -64,11 +64,12 @@ def _skewed_layer_1_down(path):
     return variants.scale_flatbuffer_weights(path, path, block=1, linear="w2", factor=1.05)
 
 
-def test_a_tflite_only_weight_skew_is_localised_at_its_layer_by_the_divergence_step(tiny_llama, private, monkeypatch):
+def test_a_tflite_only_weight_skew_is_localised_at_its_layer_by_the_divergence_step(tiny_llama, private_conversion,
+                                                                                    monkeypatch):
     """Layer 1's MLP down-projection weights 5% too large in the flatbuffer only: the float stage fails, the
     divergence step names layer 1's down projection, and every point before it agrees."""
     moved = variants.converting_with(monkeypatch, _skewed_layer_1_down)
-    rep = verify_pair(tiny_llama, private.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
+    rep = verify_pair(tiny_llama, private_conversion.derive(quant=(), stages=(stages.TFLITE_FLOAT,)))
     assert moved == [1]  # one weight buffer, shared by every signature
     by_check = {(r.stage, r.check): r for r in rep.results}
     assert by_check[(stages.REAUTHORED, stages.LOGITS)].status == PASS
