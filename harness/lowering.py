@@ -255,9 +255,10 @@ def _program_tensors(program) -> dict[str, torch.Tensor]:
 
 
 def save_lowered(out, lowered: dict, resolved: dict, bodies: dict, programs: dict) -> None:
-    """Writes what lower_programs returned (lower_modules' modules: nothing resolved, no bodies) as bytecode and JSON. A module with its weights as arguments reads
-    its program's own parameters and constants (`programs`, by signature name): their names are written, not
-    their data, and load_lowered takes them from the programs again."""
+    """Writes what lower_programs returned (or lower_modules' modules, with nothing resolved and no bodies) as
+    bytecode and JSON. A module with its weights as arguments reads its program's own parameters and constants
+    (`programs`, by signature name): their names are written, not their data, and load_lowered takes them from
+    the programs again."""
     modules = {**{name: ("lowered", m) for name, m in lowered.items()},
                **{f"{name}.as_lowered": ("bodies", m) for name, m in bodies.items()}}
     index = {"resolved": resolved, "modules": {}}
