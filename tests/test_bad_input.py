@@ -251,9 +251,8 @@ def test_a_report_written_mid_run_never_reads_pass(tmp_path):
 def test_a_damaged_flatbuffer_and_checkpoint_are_rebuilt(tmp_path, tiny_llama_report):
     """Truncate a cached flatbuffer and flip one bit of a cached checkpoint: the next run verifies every hit
     against the digest recorded when the entry was built, rebuilds both, says so, and passes."""
-    from harness.config import default_cache_dir
-
     from harness.cache import ArtifactCache, cache_key
+    from harness.config import default_cache_dir
     from harness.convert import modules_key
     from harness.lowering import LOWERED_KIND
 
@@ -262,8 +261,8 @@ def test_a_damaged_flatbuffer_and_checkpoint_are_rebuilt(tmp_path, tiny_llama_re
     # A warm cache of this pair's entries, copied from the shared one: the exported programs and their lowered
     # modules the flatbuffer is rebuilt from too (a conversion reads them), left whole.
     shared = ArtifactCache(Path(default_cache_dir()))
-    modules = f"{LOWERED_KIND}/" + cache_key(modules_key(tiny_llama_report.state.pair, tiny_llama_report.state.checkpoint,
-                                                          shared.code_digests(), True))
+    state = tiny_llama_report.state
+    modules = f"{LOWERED_KIND}/" + cache_key(modules_key(state.pair, state.checkpoint, shared.code_digests(), True))
     for key in (*(artifacts[stage]["key"] for stage in ("checkpoint", "exported", "tflite_float")), modules):
         shutil.copytree(shared.root / key, cache / key)
     flatbuffer = next((cache / artifacts["tflite_float"]["key"]).glob("*.tflite"))

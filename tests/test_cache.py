@@ -169,8 +169,8 @@ def test_the_stablehlo_key_covers_the_harness_lowering_code(tiny_llama, cache, m
         cache_key(before["modules"]))
     assert artifact_key(tiny_llama, checkpoint, "none", cache.code_digests()) != flatbuffer
     # The builder's loader shapes every artifact: flatbuffer and StableHLO keys both hold it.
-    assert "reauthored_loader" in before["modules"] and "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none",
-                                                                                 cache.code_digests())
+    assert "reauthored_loader" in before["modules"]
+    assert "reauthored_loader" in artifact_key(tiny_llama, checkpoint, "none", cache.code_digests())
 
 
 def test_the_stablehlo_stage_from_the_cache_gives_the_records_it_gave_when_it_lowered(tiny_llama, gates, tmp_path):
