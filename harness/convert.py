@@ -110,12 +110,13 @@ def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Art
 
     def build(out: Path) -> None:
         signatures = converter_signatures(model, pair.export.prefill_lens, pair.export.kv_cache_max, kv_layout)
+        libraries = cache.code_digests()
         modules = None
         if kv_layout == "default":
-            _, programs = cached_programs(cache, export_key(pair, checkpoint, cache.code_digests()), signatures)
+            _, programs = cached_programs(cache, export_key(pair, checkpoint, libraries), signatures)
             if recipe == FLOAT and fits_inline(model):
-                _, modules = cached_modules(cache, modules_key(pair, checkpoint, cache.code_digests(), True),
-                                            programs, inline_weights=True)
+                _, modules = cached_modules(cache, modules_key(pair, checkpoint, libraries, True), programs,
+                                            inline_weights=True)
         else:
             programs = export_programs(signatures)
         sink = io.StringIO()
@@ -124,15 +125,15 @@ def _converted(pair: ModelPair, model, checkpoint: Path, recipe: str, cache: Art
             previous = logging.root.level
             logging.root.setLevel(logging.ERROR)
             try:
-                if modules is None:
-                    exporter = litert_converter.exported_programs_to_flatbuffer(
-                        [core._run_convert_passes(programs[sig.name]) for sig in signatures], signatures,
-                        quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
+                if modules is None:  # the converter lowers them, after its FX passes
+                    inputs = [core._run_convert_passes(programs[sig.name]) for sig in signatures]
+                    lowering = contextlib.nullcontext()
                 else:
-                    with lowered_before({id(programs[sig.name]): modules[sig.name] for sig in signatures}):
-                        exporter = litert_converter.exported_programs_to_flatbuffer(
-                            [programs[sig.name] for sig in signatures], signatures,
-                            quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
+                    inputs = [programs[sig.name] for sig in signatures]
+                    lowering = lowered_before({id(p): modules[sig.name] for p, sig in zip(inputs, signatures)})
+                with lowering:
+                    exporter = litert_converter.exported_programs_to_flatbuffer(
+                        inputs, signatures, quant_config=converter.get_quant_recipe_from_flag(recipe, model.config))
                 (out / MODEL_FILE).write_bytes(exporter.to_bytes())
             finally:
                 logging.root.setLevel(previous)
