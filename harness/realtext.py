@@ -108,8 +108,10 @@ def runner_chunks(runner, window: np.ndarray, chunk: int) -> Iterator[np.ndarray
 
 
 def log_probs(logits: np.ndarray) -> torch.Tensor:
-    """Log-softmax of every row in float64, on torch's threads: the one costly step over a 262k vocabulary."""
-    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits)).double(), dim=-1)
+    """Log-softmax of every row in float64, on torch's threads: the one costly step over a 262k vocabulary.
+    (`dtype=` casts inside the kernel, the same numbers as `.double()` first without its copy: 24 ms against 41 ms
+    for 16 rows, 2026-12-07.)"""
+    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits)), dim=-1, dtype=torch.float64)
 
 
 def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -130,7 +132,10 @@ class _Tally:
         """One block of rows, as log-probabilities (the reference's are computed once for every stage)."""
         self.nll.setdefault(source, []).append(-logp[torch.arange(len(targets)), torch.as_tensor(targets)].numpy())
         if reference is not None:
-            self.kl.append((reference.exp() * (reference - logp)).sum(-1).numpy())
+            # KL(reference || logp) row by row, its product formed in place: the same numbers as
+            # (reference.exp() * (reference - logp)).sum(-1), one 33 MB temporary of 16 rows fewer (18 ms, not 31 ms).
+            terms = reference - logp
+            self.kl.append(terms.mul_(reference.exp()).sum(-1).numpy())
             self.agree.append((logp.argmax(-1) == reference.argmax(-1)).numpy())
 
     def metrics(self, hf_ppl: float | None) -> dict[str, Any]:
