@@ -205,21 +205,19 @@ class StageSpec:
 
 def run_hf(state: RunState) -> list[CheckResult]:
     """The reference: its checkpoint, its greedy trajectories and logits, and whether it is sensitive."""
-    from harness.checkpoint import attention_entropy_ratio, load_hf, reference_checkpoint
-    from harness.workload import greedy_trajectory, make_prompts
+    from harness.checkpoint import reference_checkpoint
+    from harness.reference import cached_reference
 
     pair, cache = state.pair, state.options.cache
     with state.timed("checkpoint"):
         state.checkpoint = reference_checkpoint(pair, cache)
     state.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(cache, state.checkpoint)
-    with state.timed("hf_load"):
-        model = load_hf(pair, state.checkpoint)
-    prompts = make_prompts(pair)
-    runs = [greedy_trajectory(model, p, pair.workload.new_tokens) for p in prompts]
-    state.trajectories = [t for t, _ in runs]
-    state.logits[stages.HF] = [logits for _, logits in runs]
-    ratio = attention_entropy_ratio(model, prompts)
-    return [checks.sensitivity(pair.name, ratio, state.gate(stages.HF, stages.SENSITIVITY))]
+    with state.timed("hf_reference"):
+        entry, reference = cached_reference(cache, pair, state.checkpoint)
+    state.notes["artifacts"][stages.HF] = _provenance(cache, entry)
+    state.trajectories = reference.trajectories
+    state.logits[stages.HF] = reference.logits
+    return [checks.sensitivity(pair.name, reference.attention_entropy_ratio, state.gate(stages.HF, stages.SENSITIVITY))]
 
 
 def run_reauthored(state: RunState) -> list[CheckResult]:

@@ -96,16 +96,16 @@ def _privately(options, borrow: tuple[str, ...]):
 @pytest.fixture
 def private(options):
     """The run options with a private cache, for a test that patches the lowering: what the patch builds must
-    neither be served the shared cache's clean artifact nor be published. The checkpoint and the exported programs,
-    which the patch cannot shape, are borrowed from the shared cache."""
-    yield from _privately(options, ("checkpoint", "exported"))
+    neither be served the shared cache's clean artifact nor be published. The checkpoint, HF's reference run and the
+    exported programs, which the patch cannot shape, are borrowed from the shared cache."""
+    yield from _privately(options, ("checkpoint", "reference", "exported"))
 
 
 @pytest.fixture
 def private_conversion(options):
     """As `private`, for a test that patches the converter's last step or a recipe: the lowered modules a float
     flatbuffer is made from are borrowed too, as no such patch shapes them."""
-    yield from _privately(options, ("checkpoint", "exported", "lowered"))
+    yield from _privately(options, ("checkpoint", "reference", "exported", "lowered"))
 
 
 @pytest.fixture(scope="session")

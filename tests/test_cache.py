@@ -307,3 +307,64 @@ def test_processes_sharing_the_cache_build_an_entry_once(tmp_path):
     seen = [json.loads(r.read_text()) for r in results]
     assert sorted((s["hits"], s["misses"]) for s in seen) == [(0, 1), (1, 0)]
     assert {s["text"] for s in seen} == {"built once"}
+
+
+def test_hfs_reference_from_the_cache_is_what_hf_computes_here_and_its_key_holds_the_cpu_and_threads(
+        tiny_llama, gates, tmp_path, monkeypatch):
+    """Cold (computed, stored, read back) and warm (a hit, in a new cache object) give the hf stage the same
+    trajectories, logits and records, and those are what HF computes in this process; the reference of another
+    thread count, CPU or prompt is another entry."""
+    import torch
+
+    from harness import reference, workload
+
+    runs = []
+    for _ in range(2):
+        cache = ArtifactCache(tmp_path / "cache")
+        report = verify_pair(tiny_llama, RunOptions(RunConfig(stages=(stages.HF,)), gates, cache))
+        runs.append((report, [n for n in cache.misses if n.startswith(reference.REFERENCE_KIND)],
+                     [n for n in cache.hits if n.startswith(reference.REFERENCE_KIND)]))
+    (cold, cold_misses, cold_hits), (warm, warm_misses, warm_hits) = runs
+    assert len(cold_misses) == 1 and not cold_hits and warm_hits == cold_misses and not warm_misses
+    assert warm.notes["artifacts"][stages.HF]["key"] == cold_misses[0]
+    assert [(r.check, r.status, r.metrics) for r in cold.results] == [(r.check, r.status, r.metrics)
+                                                                      for r in warm.results]
+    fresh = reference.run_reference(tiny_llama, warm.state.checkpoint)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.logits, warm.state.logits[stages.HF], strict=True))
+    assert [(t.prompt_len, t.tokens.tolist()) for t in fresh.trajectories] == [
+        (t.prompt_len, t.tokens.tolist()) for t in warm.state.trajectories]
+
+    key = reference.reference_key(tiny_llama, warm.state.checkpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert reference.reference_key(tiny_llama, warm.state.checkpoint) != key
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert reference.reference_key(tiny_llama, warm.state.checkpoint) != key
+    monkeypatch.undo()
+    prompts = workload.make_prompts(tiny_llama)
+    monkeypatch.setattr(reference, "make_prompts", lambda pair: [prompts[0][::-1], *prompts[1:]])
+    assert reference.reference_key(tiny_llama, warm.state.checkpoint)["prompts"] != key["prompts"]
+
+
+def test_a_checkpoints_digest_is_remembered_until_a_weight_file_is_written(tmp_path):
+    """dir_digest is asked for a real model's 1 GB of weights by several keys a run: it hashes them once, and again
+    after a file is rewritten in place with as many bytes or replaced."""
+    import time
+
+    from harness.cache import dir_digest
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 100)
+    first = dir_digest(tmp_path)
+    assert dir_digest(tmp_path) == first
+    time.sleep(0.02)  # past the file system's coarsest clock tick
+    weights.write_bytes(b"a" * 99 + b"b")
+    second = dir_digest(tmp_path)
+    assert second != first
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"a" * 100)
+    os.replace(replacement, weights)
+    assert dir_digest(tmp_path) == first != second

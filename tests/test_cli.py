@@ -106,7 +106,7 @@ def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
     first = harness_here(*args, "--out", str(tmp_path / "a"))
     second = harness_here(*args, "--out", str(tmp_path / "b"))
     def entries():  # the entry directories and their mtimes (beside each: its lock file)
-        return {p: p.stat().st_mtime_ns for kind in ("tflite", "lowered", "exported", "checkpoint")
+        return {p: p.stat().st_mtime_ns for kind in ("tflite", "lowered", "exported", "reference", "checkpoint")
                 for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()}
 
     shared = entries()
@@ -115,13 +115,13 @@ def test_conversions_are_cached_and_no_cache_rebuilds_privately(tmp_path):
     for name, proc in (("a", first), ("b", second), ("c", forced)):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         cache[name] = statuses(tmp_path / name)[1]["models"]["tiny_llama"]["notes"]["cache"]
-    # The checkpoint, the exported programs and their lowered modules (the flatbuffer is made from them) and the
-    # float flatbuffer; a run served the flatbuffer reads neither programs nor modules.
-    assert cache["a"]["misses"] == 4
-    assert cache["b"] == {"hits": 2, "misses": 0, "rebuilt_damaged": 0}
-    assert cache["c"]["misses"] == 4
+    # The checkpoint, HF's reference run, the exported programs and their lowered modules (the flatbuffer is made
+    # from them) and the float flatbuffer; a run served the flatbuffer reads neither programs nor modules.
+    assert cache["a"]["misses"] == 5
+    assert cache["b"] == {"hits": 3, "misses": 0, "rebuilt_damaged": 0}
+    assert cache["c"]["misses"] == 5
     # --no-cache built privately: the shared entries are still the first run's, and nothing was added
-    assert len(shared) == 4
+    assert len(shared) == 5
     assert entries() == shared
 
 

@@ -20,7 +20,7 @@ def test_a_cold_and_a_warm_run_say_where_the_time_went(tmp_path):
     assert cold["cache"]["misses"] >= 1 and warm["cache"] == {"hits": cold["cache"]["misses"], "misses": 0}
     for run in (cold, warm):
         assert {"hf", "reauthored"} <= set(run["stages_s"])
-        assert {"checkpoint", "hf_load", "reauthored_build"} <= set(run["parts_s"])
+        assert {"checkpoint", "hf_reference", "reauthored_build"} <= set(run["parts_s"])
         assert run["wall_s"] > sum(run["stages_s"].values()) and run["outside_stages_s"] > 0
     text = (tmp_path / selfbench.SELFBENCH_MD).read_text()
     assert "## cold" in text and "## warm" in text and "(checkpoint)" in text
