@@ -206,7 +206,7 @@ class StageSpec:
 def run_hf(state: RunState) -> list[CheckResult]:
     """The reference: its checkpoint, its greedy trajectories and logits, and whether it is sensitive."""
     from harness.checkpoint import reference_checkpoint
-    from harness.reference import cached_reference
+    from harness.reference import REFERENCE_FILE, cached_reference
 
     pair, cache = state.pair, state.options.cache
     with state.timed("checkpoint"):
@@ -214,7 +214,7 @@ def run_hf(state: RunState) -> list[CheckResult]:
     state.notes.setdefault("artifacts", {})["checkpoint"] = _provenance(cache, state.checkpoint)
     with state.timed("hf_reference"):
         entry, reference = cached_reference(cache, pair, state.checkpoint)
-    state.notes["artifacts"][stages.HF] = _provenance(cache, entry)
+    state.notes["artifacts"][stages.HF] = _provenance(cache, entry, REFERENCE_FILE)
     state.trajectories = reference.trajectories
     state.logits[stages.HF] = reference.logits
     return [checks.sensitivity(pair.name, reference.attention_entropy_ratio, state.gate(stages.HF, stages.SENSITIVITY))]

@@ -229,9 +229,8 @@ def _pair_details(model: str, records: list[dict[str, Any]], info: dict[str, Any
 
 
 def _short_digest(digest) -> str:
-    if isinstance(digest, dict):  # every file of an entry: a checkpoint's weights, or an entry's one file
-        digest = next((d for name, d in digest.items() if name.endswith(".safetensors")),
-                      next(iter(digest.values())) if len(digest) == 1 else None)
+    if isinstance(digest, dict):  # every file of an entry (a checkpoint): its weights
+        digest = next((d for name, d in digest.items() if name.endswith(".safetensors")), None)
     return (digest or "?")[:12]
 
 

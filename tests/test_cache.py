@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from harness import provenance, stages
-from harness.cache import ArtifactCache, cache_key
+from harness.cache import ArtifactCache, cache_key, file_digest
 from harness.checkpoint import checkpoint_key
 from harness.config import RunConfig
 from harness.pipeline import RunOptions, verify_pair
@@ -327,6 +327,8 @@ def test_hfs_reference_from_the_cache_is_what_hf_computes_here_and_its_key_holds
     (cold, cold_misses, cold_hits), (warm, warm_misses, warm_hits) = runs
     assert len(cold_misses) == 1 and not cold_hits and warm_hits == cold_misses and not warm_misses
     assert warm.notes["artifacts"][stages.HF]["key"] == cold_misses[0]
+    served = tmp_path / "cache" / cold_misses[0] / reference.REFERENCE_FILE  # named by its file, as a flatbuffer is
+    assert warm.notes["artifacts"][stages.HF]["sha256"] == file_digest(served)
     assert [(r.check, r.status, r.metrics) for r in cold.results] == [(r.check, r.status, r.metrics)
                                                                       for r in warm.results]
     fresh = reference.run_reference(tiny_llama, warm.state.checkpoint)

@@ -97,17 +97,3 @@ def test_a_defect_declared_at_several_stages_is_told_once_per_pair_with_its_stag
     assert f"{defect['name']} at litertlm, litertlm_dynamic_int8 score" in details
     rows = [line for line in details.splitlines() if line.startswith("| litertlm") and "| score |" in line]
     assert len(rows) == 2 and all("XFAIL" in row and "reason below" in row for row in rows)
-
-
-def test_each_artifact_is_named_with_its_digest_where_one_file_tells_it():
-    """A checkpoint by its weights, a one-file entry (a flatbuffer, HF's reference run) by that file; an entry of
-    many files with no weights among them (exported programs) has no one digest to show."""
-    doc = copy.deepcopy(SAMPLE)
-    doc["models"]["qwen3"]["notes"]["artifacts"] = {
-        "checkpoint": {"key": "checkpoint/c", "sha256": {"config.json": "1" * 64, "model.safetensors": "2" * 64}},
-        "hf": {"key": "reference/r", "sha256": {"reference.npz": "3" * 64}},
-        "exported": {"key": "exported/e", "sha256": {"decode.pt2": "4" * 64, "prefill_8.pt2": "5" * 64}},
-        "tflite_float": {"key": "tflite/t", "sha256": "6" * 64}}
-    lines = summary.render_summary(doc, budget=10**9).splitlines()
-    line = next(line for line in lines if line.startswith("- artifacts:") and "3333" in line)
-    assert line == "- artifacts: checkpoint 222222222222, hf 333333333333, exported ?, tflite_float 666666666666"
