@@ -111,8 +111,10 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
     """Builds the re-authored model through litert-torch's loader and reports weight-mapping coverage.
 
     Coverage: every checkpoint tensor must be consumed exactly once, and every model
-    parameter must come from the checkpoint. The latter is found by building twice
-    under different torch seeds: a parameter that differs was left at its random init.
+    parameter must come from the checkpoint. The latter is found by building twice,
+    torch.nn.init's random initialisers filling with a different constant each time
+    (_INIT_FILLS) and other draws under different seeds: a parameter that differs was
+    left at its init.
     """
     from litert_torch.generative.utilities import loader as litert_loader
 
@@ -125,7 +127,7 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
 
         torch.manual_seed(seed)
         try:
-            with _dropped_by_load_state_dict() as dropped:
+            with _dropped_by_load_state_dict() as dropped, _random_init_filled_with(_INIT_FILLS[seed]):
                 model = pair.reauthored(str(checkpoint), tracking_loader, kv_cache_max)
         except KeyError as e:
             raise CheckpointError(
@@ -164,6 +166,35 @@ def build_reauthored(pair: ModelPair, checkpoint: Path, kv_cache_max: int) -> tu
         "unloaded_params": unloaded,
     }
     return model, coverage
+
+
+# What torch.nn.init's random initialisers fill with in each of build_reauthored's two builds (by seed).
+_INIT_FILLS = {1: 0.25, 2: -0.5}
+_RANDOM_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                        "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _random_init_filled_with(value: float):
+    """torch.nn.init's random initialisers (what nn.Linear and nn.Embedding's reset_parameters call) fill with
+    `value` while a builder runs. The two builds then differ in every weight the checkpoint leaves at its init, as
+    two seeds' draws do, without drawing every weight twice: the real model's two builds spent ~10 s of ~28 s in
+    kaiming_uniform_ and normal_ (py-spy, 2026-12-07). Draws elsewhere (a tensor's own normal_) stay seeded."""
+    import torch.nn.init as init
+
+    originals = {name: getattr(init, name) for name in _RANDOM_INITIALISERS}
+
+    def fill(tensor, *args, **kwargs):
+        with torch.no_grad():
+            return tensor.fill_(value)
+
+    for name in originals:
+        setattr(init, name, fill)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(init, name, original)
 
 
 @contextlib.contextmanager

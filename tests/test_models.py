@@ -122,6 +122,22 @@ def test_building_a_checkpoint_leaves_the_pair_as_declared(pairs, tmp_path):
     assert pair.hf_config == declared and reference_key(pair) == key
 
 
+def test_weights_no_checkpoint_tensor_fills_are_listed_as_unloaded(tiny_llama, cache):
+    """The builder adds weights after litert-torch's loader ran: a Linear (torch.nn.init's draws, which the two
+    builds fill with different constants) and a parameter drawn by a tensor's own normal_ (seeded differently);
+    the weights the checkpoint fills are the same in both builds and not listed."""
+    def builder(checkpoint_path, custom_loader=None, mask_cache_size=0):
+        model = tiny_llama.reauthored(checkpoint_path, custom_loader, mask_cache_size)
+        model.unmapped = torch.nn.Linear(4, 4)
+        model.drawn = torch.nn.Parameter(torch.empty(3).normal_())
+        return model
+
+    pair = dataclasses.replace(tiny_llama, reauthored=builder)
+    _, coverage = build_reauthored(pair, reference_checkpoint(pair, cache), pair.export.kv_cache_max)
+    assert coverage["unloaded_params"] == ["drawn", "unmapped.bias", "unmapped.weight"]
+    assert not coverage["unused"] and not coverage["consumed_twice"] and not coverage["dropped"]
+
+
 def test_checkpoint_missing_tensor_is_named(tiny_llama, checkpoint_copy):
     weights, tensors = checkpoint_copy
     del tensors["model.layers.1.mlp.up_proj.weight"]
