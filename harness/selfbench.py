@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
@@ -92,12 +93,36 @@ def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict:
                 "parts_s": {p: round(statistics.median(r["parts_s"].get(p, 0.0) for r in rs), 1) for p in sorted(parts)},
                 "cache": rs[-1]["cache"], "exits": [r["exit"] for r in rs]}
     if {"base", "new"} <= set(runs):
+        out["record_changes"] = {}
         for temp in runs["new"]:
             old, new = out["sides"]["base"][temp], out["sides"]["new"][temp]
             out["ratios"][temp] = {"wall": round(new["wall_s"] / old["wall_s"], 3)}
-            out["same_records"][temp] = all(a["records"] == b["records"]
-                                            for a, b in zip(runs["base"][temp], runs["new"][temp]))
+            pairs = list(zip(runs["base"][temp], runs["new"][temp]))
+            out["same_records"][temp] = all(a["records"] == b["records"] for a, b in pairs)
+            if not out["same_records"][temp]:
+                first = next((a, b) for a, b in pairs if a["records"] != b["records"])
+                out["record_changes"][temp] = record_changes(first[0]["records"], first[1]["records"])
     return out
+
+
+def record_changes(base: list[str], new: list[str]) -> dict:
+    """How two runs' records differ, by model x stage x check: the checks only one side ran (counted by stage and
+    check), those whose status moved, and how many kept their status but measured other values. Comparing with a
+    commit that had fewer checks, this says whether the checks both ran gave the same verdicts."""
+    def keyed(records: list[str]) -> dict[tuple[str, str, str], dict]:
+        return {(r["model"], r["stage"], r["check"]): r for r in map(json.loads, records)}
+
+    def by_check(keys) -> dict[str, int]:
+        return dict(sorted(Counter(f"{stage}.{check}" for _, stage, check in keys).items()))
+
+    old, now = keyed(base), keyed(new)
+    both = sorted(set(old) & set(now))
+    return {"only_base": by_check(set(old) - set(now)), "only_new": by_check(set(now) - set(old)),
+            "in_both": len(both),
+            "status_changed": [{"model": m, "stage": s, "check": c, "base": old[(m, s, c)]["status"],
+                                "new": now[(m, s, c)]["status"]}
+                               for m, s, c in both if old[(m, s, c)]["status"] != now[(m, s, c)]["status"]],
+            "other_values": sum(old[k] != now[k] for k in both if old[k]["status"] == now[k]["status"])}
 
 
 def render(summary: dict, meta: dict) -> str:
@@ -130,7 +155,23 @@ def render(summary: dict, meta: dict) -> str:
                   ""]
         if temp in summary["same_records"]:
             lines.append(f"Same records (timings aside): {'yes' if summary['same_records'][temp] else 'NO'}.")
+            if temp in summary.get("record_changes", {}):
+                lines.append(render_record_changes(summary["record_changes"][temp]))
             lines.append("")
+    return "\n".join(lines)
+
+
+def render_record_changes(changes: dict) -> str:
+    """record_changes in a few lines: what only one side checked, and every verdict that moved."""
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{name} x{n}" for name, n in counts.items()) or "none"
+
+    moved = changes["status_changed"]
+    lines = [f"Checks only base ran: {listed(changes['only_base'])}.",
+             f"Checks only new ran: {listed(changes['only_new'])}.",
+             f"Of the {changes['in_both']} both ran, {len(moved)} changed status and {changes['other_values']} kept "
+             "it with other values or messages" + (":" if moved else ".")]
+    lines += [f"- {m['model']} {m['stage']}.{m['check']}: {m['base']} -> {m['new']}" for m in moved]
     return "\n".join(lines)
 
 
