@@ -155,7 +155,7 @@ def render(summary: dict, meta: dict) -> str:
                   ""]
         if temp in summary["same_records"]:
             lines.append(f"Same records (timings aside): {'yes' if summary['same_records'][temp] else 'NO'}.")
-            if temp in summary.get("record_changes", {}):
+            if temp in summary["record_changes"]:
                 lines.append(render_record_changes(summary["record_changes"][temp]))
             lines.append("")
     return "\n".join(lines)
